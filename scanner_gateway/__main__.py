@@ -1,0 +1,3 @@
+from scanner_gateway.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""HTTP layer: thin routes that validate, call one service function, and map errors."""

@@ -1,0 +1,127 @@
+"""POST /v1/scan (multipart or JSON) and GET /v1/tasks."""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, error_responses
+from scanner_gateway.errors import ImageTooLarge, InvalidRequest, UnsupportedMedia
+from scanner_gateway.scan.results import ScanResult
+from scanner_gateway.scan.tasks import Locale
+
+router = APIRouter(tags=["scan"])
+
+MAX_FORM_FILES = 16
+FORM_FIELDS = ("task", "locale", "image")
+
+
+class ScanJSONRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(description="Task name, see GET /v1/tasks.")
+    images: list[str] = Field(
+        min_length=1, max_length=MAX_FORM_FILES, description="Data URLs or bare base64 strings."
+    )
+    locale: Locale | None = None
+
+
+def _locale(value: Any) -> Locale | None:
+    if value in (None, ""):
+        return None
+    if value not in get_args(Locale):
+        raise InvalidRequest(
+            f"locale must be one of {', '.join(get_args(Locale))}; got {value!r}", param="locale"
+        )
+    return value
+
+
+async def _from_form(request: Request, max_image_bytes: int) -> tuple[str, list[bytes], Locale | None]:
+    form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES)
+    unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown form field(s) {unknown}; expected {', '.join(FORM_FIELDS)} "
+            "(send photos in the 'image' field)",
+            param=unknown[0],
+        )
+    task = form.get("task")
+    if not isinstance(task, str) or not task:
+        raise InvalidRequest("form field 'task' is required", param="task")
+    images: list[bytes] = []
+    for item in form.getlist("image"):
+        if not isinstance(item, UploadFile):
+            raise InvalidRequest("'image' must be a file upload (curl -F image=@photo.jpg)", param="image")
+        if item.size is not None and item.size > max_image_bytes:
+            raise ImageTooLarge(
+                f"image {item.filename!r} is {item.size} bytes; the limit is {max_image_bytes}",
+                param="image",
+            )
+        images.append(await item.read())
+    return task, images, _locale(form.get("locale"))
+
+
+async def _from_json(request: Request) -> tuple[str, list[str], Locale | None]:
+    try:
+        body = ScanJSONRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from exc
+    return body.task, body.images, body.locale
+
+
+@router.post(
+    "/v1/scan",
+    response_model=ScanResult,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["task", "image"],
+                        "properties": {
+                            "task": {"type": "string"},
+                            "locale": {"type": "string", "enum": list(get_args(Locale))},
+                            "image": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            },
+                        },
+                    }
+                },
+                "application/json": {"schema": ScanJSONRequest.model_json_schema()},
+            },
+        }
+    },
+)
+async def scan(request: Request, service: ScanServiceDep) -> ScanResult:
+    """Scan one or more photos with a retail task; returns the typed result."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        task, images, locale = await _from_form(request, service.normalizer.max_bytes)
+    elif content_type == "application/json":
+        task, images, locale = await _from_json(request)
+    else:
+        raise UnsupportedMedia(
+            f"content type {content_type or '(none)'!r} is not accepted; "
+            "use multipart/form-data or application/json",
+            param="content-type",
+        )
+    return await service.run(task, images, locale)
+
+
+@router.get("/v1/tasks", responses=error_responses(401))
+async def list_tasks(registry: RegistryDep) -> dict[str, Any]:
+    """Every scan task with its limits and result schema."""
+    return {"object": "list", "data": [task.public() for task in registry]}
+
+
+@router.get("/v1/tasks/{name}", responses=error_responses(401, 404))
+async def get_task(name: str, registry: RegistryDep) -> dict[str, Any]:
+    return registry.get(name).public()

@@ -1,0 +1,87 @@
+"""create_app(settings): the gateway, built by a factory so tests can build their own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from scanner_gateway import __version__
+from scanner_gateway.api import ops, scan
+from scanner_gateway.api.limits import BodySizeLimit
+from scanner_gateway.config import Settings
+from scanner_gateway.errors import install_error_handlers
+from scanner_gateway.scan.images import ImageNormalizer
+from scanner_gateway.scan.service import ScanService
+from scanner_gateway.scan.tasks import TaskRegistry
+from scanner_gateway.upstream.client import EngineClient, build_http_client
+
+MIB = 1024 * 1024
+
+
+def request_size_limit(settings: Settings, registry: TaskRegistry) -> int:
+    if settings.max_request_bytes:
+        return settings.max_request_bytes
+    most_images = max(task.spec.max_images for task in registry)
+    # base64 in JSON bodies costs 4/3; 1 MiB for form fields and JSON framing.
+    return most_images * settings.max_image_bytes * 4 // 3 + MIB
+
+
+def create_app(
+    settings: Settings, *, engine_transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    """Build the app. Task files are loaded here, so a bad one stops startup at once.
+
+    `engine_transport` (an httpx transport) lets tests put a fake engine behind the client.
+    """
+    registry = TaskRegistry.load(settings.prompts_dir)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        http = build_http_client(
+            connect_timeout_s=settings.engine_connect_timeout_s,
+            read_timeout_s=settings.engine_read_timeout_s,
+            max_connections=settings.engine_max_connections,
+            transport=engine_transport,
+        )
+        engine = EngineClient(
+            http,
+            str(settings.upstream_url),
+            api_key=settings.upstream_api_key,
+            model=settings.model,
+        )
+        normalizer = ImageNormalizer(
+            workers=settings.image_workers,
+            queue_limit=settings.image_queue_limit,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            quality=settings.jpeg_quality,
+        )
+        app.state.registry = registry
+        app.state.engine = engine
+        app.state.scan_service = ScanService(
+            registry,
+            normalizer,
+            engine,
+            default_locale=settings.default_locale,
+            raw_output_chars=settings.raw_output_in_errors,
+        )
+        try:
+            yield
+        finally:
+            normalizer.close()
+            await http.aclose()
+
+    app = FastAPI(
+        title="Scanner gateway",
+        version=__version__,
+        description="Retail-vision scans (shelves, price tags, storefronts, kitchens) on vLLM.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(scan.router)
+    app.include_router(ops.router)
+    app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
+    return app

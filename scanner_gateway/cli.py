@@ -1,0 +1,169 @@
+"""`scanner-gateway` command line: up, serve, make-dev-model, tasks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from scanner_gateway.config import Settings
+from scanner_gateway.engine.launcher import (
+    DEFAULT_ENGINE_PORT,
+    DEFAULT_SERVED_NAME,
+    DEV_SERVED_NAME,
+    EngineOptions,
+    EngineStartError,
+    ManagedEngine,
+)
+from scanner_gateway.scan.tasks import TaskConfigError, TaskRegistry
+
+app = typer.Typer(help="Retail-vision scan gateway in front of vLLM.", no_args_is_help=True)
+console = Console(stderr=True)
+
+# The dev model's context: its largest prompt (4 images x 1200 tokens) plus a retried answer.
+DEV_MAX_MODEL_LEN = 20480
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scanner-gateway"
+    return Path(os.environ.get("SCANNER_CACHE_DIR", default))
+
+
+def _load_registry(settings: Settings) -> TaskRegistry:
+    try:
+        return TaskRegistry.load(settings.prompts_dir)
+    except TaskConfigError as exc:
+        console.print(f"[red]bad task file:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _run_gateway(settings: Settings, workers: int = 1) -> None:
+    from scanner_gateway.app import create_app
+
+    _load_registry(settings)  # fail with a clear message before uvicorn starts
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+        workers=None if workers == 1 else workers,
+    )
+
+
+def ensure_dev_model(directory: Path) -> Path:
+    from scanner_gateway.engine.devmodel import build_dev_model, is_model_dir
+
+    if not is_model_dir(directory):
+        console.print(f"building the dev model in {directory} ...")
+        build_dev_model(directory)
+    return directory
+
+
+@app.command()
+def up(
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Model directory or hub id (e.g. Ostrakon/Ostrakon-VL-8B on a GPU box). "
+                     "Default: the tiny random-weight dev model, built on first use."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
+    engine_port: Annotated[int, typer.Option(help="Port of the managed vLLM server.")] = DEFAULT_ENGINE_PORT,
+    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM --max-model-len.")] = None,
+    engine_arg: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Extra argument for `vllm serve` (repeatable), e.g. --engine-arg=--tensor-parallel-size=2"),
+    ] = None,
+) -> None:
+    """Start vLLM (managed child) and the gateway in front of it; Ctrl-C stops both."""
+    settings = Settings(host=host, port=port)
+    registry = _load_registry(settings)
+    if model is None:
+        model_path = str(ensure_dev_model(cache_dir() / "dev-model"))
+        served, max_len = DEV_SERVED_NAME, max_model_len or DEV_MAX_MODEL_LEN
+    else:
+        model_path, served, max_len = model, DEFAULT_SERVED_NAME, max_model_len
+    opts = EngineOptions(
+        model=model_path,
+        served_model_name=served,
+        port=engine_port,
+        max_images=max(t.spec.max_images for t in registry),
+        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
+        max_model_len=max_len,
+        api_key=settings.upstream_api_key,
+        extra_args=engine_arg or [],
+    )
+    log_path = cache_dir() / "logs" / f"vllm-{engine_port}.log"
+    try:
+        engine = ManagedEngine(opts, log_path)
+    except EngineStartError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"starting vLLM on {opts.base_url} (model {model_path}); log: {log_path}")
+    with engine:
+        try:
+            with console.status("waiting for the engine's /health ...") as status:
+                engine.wait_healthy(on_wait=lambda s: status.update(f"waiting for the engine's /health ... {s:.0f} s"))
+        except EngineStartError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from exc
+        console.print(
+            f"[green]engine ready[/green]. Gateway: http://{host}:{port}  "
+            f"(docs http://{host}:{port}/docs, tasks http://{host}:{port}/v1/tasks)"
+        )
+        settings = Settings(host=host, port=port, upstream_url=opts.base_url, model=served)
+        _run_gateway(settings)
+    console.print("engine stopped")
+
+
+@app.command()
+def serve(
+    upstream: Annotated[
+        Optional[str], typer.Option(help="vLLM base URL (default: SCANNER_UPSTREAM_URL or http://127.0.0.1:8000).")
+    ] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default SCANNER_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default SCANNER_PORT or 8080).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run only the gateway, in front of an existing vLLM server."""
+    overrides = {k: v for k, v in {"upstream_url": upstream, "host": host, "port": port}.items() if v is not None}
+    _run_gateway(Settings(**overrides), workers=workers)
+
+
+@app.command("make-dev-model")
+def make_dev_model(
+    directory: Annotated[Path, typer.Argument(help="Output directory.")],
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 1234,
+) -> None:
+    """Write the tiny random-weight Qwen3-VL dev model (no download)."""
+    from scanner_gateway.engine.devmodel import build_dev_model
+
+    try:
+        out = build_dev_model(directory, seed=seed)
+    except ImportError as exc:
+        console.print(f"[red]needs torch and transformers (pip install '.[engine-cpu]'): {exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"dev model written to {out}")
+
+
+@app.command()
+def tasks(
+    prompts_dir: Annotated[Optional[Path], typer.Option(help="Task directory (default SCANNER_PROMPTS_DIR).")] = None,
+) -> None:
+    """Validate the task files and list them."""
+    settings = Settings(**({"prompts_dir": prompts_dir} if prompts_dir else {}))
+    for task in _load_registry(settings):
+        s = task.spec
+        typer.echo(
+            f"{s.name:20} v{s.version}  images<={s.max_images}  pixels<={s.pixel_budget.max_pixels}  "
+            f"max_tokens={s.sampling.max_tokens}  {s.description}"
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,65 @@
+"""Gateway settings: one class, read once at startup (env prefix SCANNER_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, HttpUrl
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Generation on a busy engine takes far longer than httpx's 5 s default.
+DEFAULT_ENGINE_READ_TIMEOUT_S = 120.0
+DEFAULT_ENGINE_CONNECT_TIMEOUT_S = 3.0
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# 64 MP admits every phone camera (48 MP sensors included) and refuses pixel bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+
+def default_prompts_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "prompts"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SCANNER_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+    upstream_url: HttpUrl = Field(
+        HttpUrl("http://127.0.0.1:8000"), description="Base URL of the vLLM server (no /v1)."
+    )
+    upstream_api_key: str | None = Field(
+        None, description="Key the gateway sends to vLLM (`vllm serve --api-key`)."
+    )
+    model: str | None = Field(
+        None, description="Served model name; discovered from the engine's /v1/models if unset."
+    )
+    engine_connect_timeout_s: float = Field(DEFAULT_ENGINE_CONNECT_TIMEOUT_S, gt=0)
+    engine_read_timeout_s: float = Field(DEFAULT_ENGINE_READ_TIMEOUT_S, gt=0)
+    engine_max_connections: int = Field(512, ge=1)
+
+    prompts_dir: Path = Field(default_factory=default_prompts_dir)
+    default_locale: Literal["zh", "en"] = Field(
+        "zh", description="Prompt language when a request names none (the model is zh-first)."
+    )
+
+    max_image_bytes: int = Field(DEFAULT_MAX_IMAGE_BYTES, ge=1024)
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    max_request_bytes: int = Field(
+        0, ge=0, description="Whole-request cap; 0 means max images x max_image_bytes x 4/3 + 1 MiB."
+    )
+    image_workers: int = Field(2, ge=1, description="Threads that decode and resize images.")
+    image_queue_limit: int = Field(
+        64, ge=1, description="Images allowed to wait for a worker before answering 429."
+    )
+    jpeg_quality: int = Field(85, ge=30, le=100)
+    raw_output_in_errors: int = Field(
+        500, ge=0, description="Characters of the model's raw text kept in 502 errors."
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

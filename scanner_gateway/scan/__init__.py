@@ -1,0 +1,1 @@
+"""The retail scan domain: tasks, image intake, post-processing, the scan service. No HTTP."""

@@ -1,0 +1,254 @@
+"""Image intake: sniff, limit, decode, orient, flatten, resize to the task's budget, encode.
+
+Everything here is synchronous and CPU-bound; `ImageNormalizer` runs it in a bounded
+thread pool (Pillow releases the GIL while decoding and resizing) so the event loop
+never blocks. Output sides are multiples of 32 px (Qwen3-VL: 16 px patches merged 2x2),
+so the engine's processor never resizes again, and the `Scale` maps model boxes back to
+the original upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from scanner_gateway.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    Overloaded,
+    UnsupportedMedia,
+)
+
+TILE = 32  # Qwen3-VL: 16 px patch x 2 spatial merge
+DEFAULT_JPEG_QUALITY = 85
+
+# Magic numbers of the formats we accept; anything else is 415 before Pillow sees it.
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"WEBP", 8, "WEBP"),
+)
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    max_pixels: int
+    min_pixels: int = TILE * TILE * 4
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How the sent image relates to the original upload (after EXIF rotation)."""
+
+    original_width: int
+    original_height: int
+    sent_width: int
+    sent_height: int
+
+
+@dataclass(frozen=True)
+class NormalizedImage:
+    jpeg: bytes
+    scale: Scale
+    source_format: str
+    source_bytes: int
+    data_url: str  # encoded in the worker thread, not on the event loop
+
+
+def sniff_format(data: bytes) -> str | None:
+    for magic, offset, fmt in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            if fmt == "WEBP" and data[:4] != b"RIFF":
+                continue
+            return fmt
+    return None
+
+
+def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes:
+    """Bytes of a data URL (`data:image/...;base64,...`) or bare base64 string."""
+    if ref.startswith(("http://", "https://")):
+        raise InvalidRequest(
+            "image URLs are not fetched by the gateway; send the bytes as a data URL or base64",
+            param=param,
+        )
+    payload = ref
+    if ref.startswith("data:"):
+        header, sep, payload = ref.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise InvalidImage("data URL must be base64-encoded (data:<type>;base64,...)", param=param)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageTooLarge(f"image is larger than the limit of {max_bytes} bytes", param=param)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        pass
+    try:  # line-wrapped base64 (e.g. from `base64` without -w0)
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as exc:
+        raise InvalidImage(f"image is not valid base64: {exc}", param=param) from exc
+
+
+def target_size(width: int, height: int, budget: PixelBudget) -> tuple[int, int]:
+    """Largest (w, h), both multiples of TILE, with w*h <= max_pixels, keeping the aspect.
+
+    Small images are scaled up to min_pixels; nothing is ever smaller than one tile.
+    """
+    area = width * height
+    factor = 1.0
+    if area > budget.max_pixels:
+        factor = math.sqrt(budget.max_pixels / area)
+    elif area < budget.min_pixels:
+        factor = math.sqrt(budget.min_pixels / area)
+    w = max(TILE, round(width * factor / TILE) * TILE)
+    h = max(TILE, round(height * factor / TILE) * TILE)
+    while w * h > budget.max_pixels and (w > TILE or h > TILE):
+        # Rounding overshot: shrink the side whose removal loses the least aspect.
+        if w >= h and w > TILE:
+            w -= TILE
+        elif h > TILE:
+            h -= TILE
+        else:
+            w -= TILE
+    return w, h
+
+
+def normalize_image(
+    data: bytes | str,
+    budget: PixelBudget,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    quality: int = DEFAULT_JPEG_QUALITY,
+    param: str = "image",
+) -> NormalizedImage:
+    """Validate and resize one upload (bytes, or base64 / data URL text).
+
+    Raises 400/413/415/422 gateway errors, never anything else.
+    """
+    if isinstance(data, str):
+        data = decode_image_ref(data, max_bytes=max_bytes, param=param)
+    if not data:
+        raise InvalidImage("image is empty", param=param)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"image is {len(data)} bytes; the limit is {max_bytes} bytes", param=param
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedMedia(
+            f"not a supported image (accepted: {', '.join(SUPPORTED_FORMATS)})", param=param
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+            # Header only so far: refuse pixel bombs before decoding a single pixel.
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(
+                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels; "
+                    f"the limit is {max_pixels}",
+                    param=param,
+                )
+            if img.width < 1 or img.height < 1:
+                raise InvalidImage("image has no pixels", param=param)
+            return _convert(img, fmt, len(data), budget, quality)
+    except (ImageTooLarge, InvalidImage, UnsupportedMedia, InvalidRequest):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", param=param) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"image could not be decoded ({fmt}): {exc}", param=param) from exc
+
+
+def _convert(img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quality: int) -> NormalizedImage:
+    orientation = img.getexif().get(0x0112, 1)
+    swapped = orientation in (5, 6, 7, 8)
+    orig_w, orig_h = (img.height, img.width) if swapped else (img.width, img.height)
+    out_w, out_h = target_size(orig_w, orig_h, budget)
+    if fmt == "JPEG":
+        # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: a 12 MP photo headed
+        # for ~1 MP never gets fully decoded.
+        req = (out_h, out_w) if swapped else (out_w, out_h)
+        img.draft("RGB", req)
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    img = _flatten(img)
+    if img.size != (out_w, out_h):
+        img = img.resize((out_w, out_h), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality, optimize=False)
+    jpeg = buf.getvalue()
+    return NormalizedImage(
+        jpeg=jpeg,
+        data_url="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
+        scale=Scale(orig_w, orig_h, out_w, out_h),
+        source_format=fmt,
+        source_bytes=nbytes,
+    )
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """RGB on white: transparency would otherwise turn black in JPEG."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class ImageNormalizer:
+    """Runs `normalize_image` off the event loop with bounded concurrency and queue."""
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        queue_limit: int,
+        max_bytes: int,
+        max_pixels: int,
+        quality: int = DEFAULT_JPEG_QUALITY,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image")
+        self._slots = asyncio.Semaphore(workers)
+        self._queue_limit = queue_limit
+        self._waiting = 0
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self.quality = quality
+
+    async def normalize(self, data: bytes | str, budget: PixelBudget, *, param: str = "image") -> NormalizedImage:
+        if self._waiting >= self._queue_limit:
+            raise Overloaded("image decoding queue is full; retry shortly", retry_after_s=1)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        loop = asyncio.get_running_loop()
+        job = self._pool.submit(
+            normalize_image,
+            data,
+            budget,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            quality=self.quality,
+            param=param,
+        )
+        # The slot frees when the thread finishes, even if the caller was cancelled
+        # meanwhile, so the pool never holds more than `workers` jobs.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release))
+        return await asyncio.wrap_future(job)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

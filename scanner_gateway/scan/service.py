@@ -1,0 +1,159 @@
+"""ScanService: photo(s) + task -> validated, typed ScanResult, via one vLLM call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from scanner_gateway.errors import InvalidRequest, ModelOutputInvalid
+from scanner_gateway.protocol import ChatCompletion
+from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
+from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_output
+from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
+from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
+from scanner_gateway.upstream.client import EngineClient
+
+# A truncated or invalid answer is retried once with this much more room.
+RETRY_TOKEN_FACTOR = 2
+
+
+def build_messages(task: Task, images: Sequence[NormalizedImage], locale: Locale) -> list[dict[str, Any]]:
+    system, user = task.render(locale, len(images))
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": img.data_url}} for img in images
+    ]
+    parts.append({"type": "text", "text": user})
+    return [{"role": "system", "content": system}, {"role": "user", "content": parts}]
+
+
+def build_payload(
+    task: Task, model: str, messages: list[dict[str, Any]], image_count: int, max_tokens: int
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": messages,
+        "temperature": task.spec.sampling.temperature,
+        "max_tokens": max_tokens,
+        # response_format is what current vLLM honours (guided_* fields are ignored).
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": task.name,
+                "schema": task.engine_schema(image_count),
+                "strict": True,
+            },
+        },
+    }
+
+
+class ScanService:
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        normalizer: ImageNormalizer,
+        engine: EngineClient,
+        *,
+        default_locale: Locale = "zh",
+        raw_output_chars: int = 500,
+    ) -> None:
+        self.registry = registry
+        self.normalizer = normalizer
+        self.engine = engine
+        self.default_locale = default_locale
+        self.raw_output_chars = raw_output_chars
+
+    async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
+        if not images:
+            raise InvalidRequest("at least one image is required", param="image")
+        if len(images) > task.spec.max_images:
+            raise InvalidRequest(
+                f"task {task.name!r} takes at most {task.spec.max_images} image(s); got {len(images)}",
+                param="image",
+            )
+        results = await asyncio.gather(
+            *(
+                self.normalizer.normalize(data, task.budget, param=f"image[{i}]" if len(images) > 1 else "image")
+                for i, data in enumerate(images)
+            ),
+            return_exceptions=True,
+        )
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return results  # type: ignore[return-value]
+
+    async def run(
+        self, task_name: str, images: Sequence[bytes | str], locale: Locale | None = None
+    ) -> ScanResult:
+        started = time.perf_counter()
+        task = self.registry.get(task_name)
+        locale = locale or self.default_locale
+        normalized = await self._normalize_all(task, images)
+        preprocess_ms = (time.perf_counter() - started) * 1000
+
+        model = await self.engine.model_name()
+        messages = build_messages(task, normalized, locale)
+        scales = [img.scale for img in normalized]
+        usage = ScanUsage()
+        warnings: list[str] = []
+        max_tokens = task.spec.sampling.max_tokens
+        engine_started = time.perf_counter()
+        for attempt in (1, 2):
+            completion = await self.engine.chat(build_payload(task, model, messages, len(normalized), max_tokens))
+            _add_usage(usage, completion)
+            choice = completion.choices[0] if completion.choices else None
+            text = choice.message.content if choice and isinstance(choice.message.content, str) else None
+            try:
+                if choice is not None and choice.finish_reason == "length":
+                    raise OutputInvalid(f"answer cut at max_tokens={max_tokens}")
+                data = parse_output(text, task.validator)
+                result, box_warnings = build_result(data, scales, task.result_model)
+                break
+            except OutputInvalid as exc:
+                if attempt == 2:
+                    raw = (text or "")[: self.raw_output_chars]
+                    raise ModelOutputInvalid(
+                        f"the model's answer was invalid twice ({exc}); raw output: {raw!r}"
+                    ) from exc
+                warnings.append(f"first answer invalid ({exc}); retried with more tokens")
+                max_tokens *= RETRY_TOKEN_FACTOR
+        engine_ms = (time.perf_counter() - engine_started) * 1000
+        warnings += box_warnings
+        return ScanResult(
+            id=f"scan-{uuid.uuid4().hex}",
+            task=task.name,
+            task_version=str(task.spec.version),
+            model=completion.model,
+            created=int(time.time()),
+            locale=locale,
+            images=[
+                ImageInfo(
+                    width=img.scale.original_width,
+                    height=img.scale.original_height,
+                    format=img.source_format,
+                    bytes=img.source_bytes,
+                    sent_width=img.scale.sent_width,
+                    sent_height=img.scale.sent_height,
+                )
+                for img in normalized
+            ],
+            result=result,
+            usage=usage,
+            timings_ms=ScanTimings(
+                preprocess=round(preprocess_ms, 2),
+                engine=round(engine_ms, 2),
+                total=round((time.perf_counter() - started) * 1000, 2),
+            ),
+            warnings=warnings,
+        )
+
+
+def _add_usage(total: ScanUsage, completion: ChatCompletion) -> None:
+    if completion.usage is not None:
+        total.prompt_tokens += completion.usage.prompt_tokens
+        total.completion_tokens += completion.usage.completion_tokens
+        total.total_tokens += completion.usage.total_tokens
+

@@ -1,0 +1,1 @@
+"""Everything that talks to vLLM over HTTP."""
