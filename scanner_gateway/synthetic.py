@@ -26,8 +26,9 @@ def shelf_photo(width: int = 1024, height: int = 768, seed: int = 0) -> Image.Im
         draw.rectangle((0, y0 + shelf_h - 12, width, y0 + shelf_h), fill=(120, 90, 60))
         x = rng.randint(4, 30)
         while x < width - 40:
-            w = rng.randint(width // 20, width // 9)
-            h = rng.randint(shelf_h // 2, shelf_h - 40)
+            w = rng.randint(max(8, width // 20), max(9, width // 9))
+            h_min = max(4, shelf_h // 2)
+            h = rng.randint(h_min, max(h_min + 1, shelf_h - 40))
             if rng.random() < 0.12:  # an out-of-stock gap
                 x += w + rng.randint(4, 20)
                 continue

@@ -1,0 +1,137 @@
+import base64
+
+import pytest
+from PIL import Image
+
+from scanner_gateway.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    UnsupportedMedia,
+)
+from scanner_gateway.scan.images import (
+    TILE,
+    PixelBudget,
+    decode_image_ref,
+    normalize_image,
+    sniff_format,
+    target_size,
+)
+from tests.helpers import encode, shelf_jpeg, shelf_photo
+
+BUDGET = PixelBudget(max_pixels=1024 * 768)
+LIMITS = {"max_bytes": 20 * 1024 * 1024, "max_pixels": 64_000_000}
+
+
+@pytest.mark.parametrize(
+    ("w", "h"),
+    [(4000, 3000), (3000, 4000), (1024, 768), (640, 480), (10000, 40), (40, 10000), (33, 33), (1, 1)],
+)
+def test_target_size_fits_budget_in_whole_tiles(w, h):
+    tw, th = target_size(w, h, BUDGET)
+    assert tw % TILE == 0 and th % TILE == 0
+    assert tw >= TILE and th >= TILE
+    assert tw * th <= BUDGET.max_pixels
+    if min(w, h) >= 200:  # aspect kept within one tile of rounding
+        assert abs(tw / th - w / h) < 0.1 * (w / h)
+
+
+def test_target_size_uses_the_budget_and_upscales_tiny_images():
+    tw, th = target_size(4000, 3000, BUDGET)
+    assert tw * th > 0.9 * BUDGET.max_pixels
+    tw, th = target_size(64, 48, PixelBudget(max_pixels=BUDGET.max_pixels, min_pixels=65536))
+    assert tw * th >= 0.8 * 65536
+
+
+def test_sniff_recognises_formats_by_bytes_not_names():
+    img = Image.new("RGB", (8, 8))
+    assert sniff_format(encode(img, "JPEG")) == "JPEG"
+    assert sniff_format(encode(img, "PNG")) == "PNG"
+    assert sniff_format(encode(img, "WEBP")) == "WEBP"
+    assert sniff_format(encode(img, "GIF")) is None
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None
+    assert sniff_format(b"hello") is None
+
+
+def test_phone_photo_is_resized_to_budget_with_scale_kept():
+    out = normalize_image(shelf_jpeg(4000, 3000, seed=3), BUDGET, **LIMITS)
+    assert (out.scale.original_width, out.scale.original_height) == (4000, 3000)
+    assert out.scale.sent_width * out.scale.sent_height <= BUDGET.max_pixels
+    sent = Image.open(__import__("io").BytesIO(out.jpeg))
+    assert sent.format == "JPEG" and sent.size == (out.scale.sent_width, out.scale.sent_height)
+    assert out.data_url.startswith("data:image/jpeg;base64,")
+    assert len(out.jpeg) < 300 * 1024
+
+
+def test_exif_orientation_is_applied_before_sizing():
+    img = shelf_photo(400, 200, seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    out = normalize_image(encode(img, "JPEG", exif=exif), BUDGET, **LIMITS)
+    assert (out.scale.original_width, out.scale.original_height) == (200, 400)
+    assert out.scale.sent_height > out.scale.sent_width
+
+
+def test_transparent_png_is_flattened_on_white():
+    img = Image.new("RGBA", (256, 256), (255, 0, 0, 0))  # fully transparent red
+    out = normalize_image(encode(img, "PNG"), BUDGET, **LIMITS)
+    r, g, b = Image.open(__import__("io").BytesIO(out.jpeg)).convert("RGB").getpixel((10, 10))
+    assert min(r, g, b) > 240
+
+
+def test_palette_and_grayscale_and_webp_are_accepted():
+    for img, fmt in [
+        (Image.new("P", (300, 200)), "PNG"),
+        (Image.new("L", (300, 200), 128), "JPEG"),
+        (Image.new("RGB", (300, 200), (9, 9, 9)), "WEBP"),
+        (Image.new("CMYK", (300, 200)), "JPEG"),
+    ]:
+        out = normalize_image(encode(img, fmt), BUDGET, **LIMITS)
+        assert out.source_format == fmt
+
+
+def test_too_many_bytes_is_413():
+    with pytest.raises(ImageTooLarge) as exc:
+        normalize_image(shelf_jpeg(800, 600), BUDGET, max_bytes=10_000, max_pixels=10**8)
+    assert exc.value.status == 413 and exc.value.code == "image_too_large"
+
+
+def test_pixel_bomb_is_refused_from_the_header():
+    bomb = encode(Image.new("1", (12000, 12000)), "PNG")  # 144 MP, a few KB on disk
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageTooLarge) as exc:
+        normalize_image(bomb, BUDGET, **LIMITS)
+    assert "pixels" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "status"),
+    [
+        (b"", InvalidImage, 422),
+        (b"not an image at all", UnsupportedMedia, 415),
+        (encode(Image.new("RGB", (8, 8)), "GIF"), UnsupportedMedia, 415),
+        (shelf_jpeg(640, 480)[:2000], InvalidImage, 422),  # truncated JPEG
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, InvalidImage, 422),  # PNG magic, garbage body
+    ],
+)
+def test_bad_bytes_get_clear_4xx(data, error, status):
+    with pytest.raises(error) as exc:
+        normalize_image(data, BUDGET, **LIMITS)
+    assert exc.value.status == status
+
+
+def test_base64_inputs():
+    raw = shelf_jpeg(320, 240)
+    b64 = base64.b64encode(raw).decode()
+    assert decode_image_ref(b64, max_bytes=10**7) == raw
+    assert decode_image_ref("data:image/jpeg;base64," + b64, max_bytes=10**7) == raw
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
+    assert decode_image_ref(wrapped, max_bytes=10**7) == raw
+    with pytest.raises(InvalidImage):
+        decode_image_ref("data:image/jpeg;base64,@@@not-base64@@@", max_bytes=10**7)
+    with pytest.raises(InvalidImage):
+        decode_image_ref("data:image/jpeg," + b64, max_bytes=10**7)
+    with pytest.raises(InvalidRequest):
+        decode_image_ref("https://example.com/shelf.jpg", max_bytes=10**7)
+    with pytest.raises(ImageTooLarge):
+        decode_image_ref(b64, max_bytes=100)
