@@ -1,0 +1,195 @@
+import base64
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from scanner_gateway.scan.results import ProductScan
+from tests.api.conftest import FAKE_MODEL, completion
+from tests.helpers import encode, shelf_jpeg
+
+PHOTO = shelf_jpeg(1600, 1200, seed=5)
+VALID_PRODUCTS = json.dumps({"products": [
+    {"name": "Cola 330ml", "brand": "Cola", "category": "beverage", "package": "can", "facings": 4,
+     "price": "3.50", "currency": "CNY", "image": 0, "bbox_2d": [100, 200, 300, 600]},
+]})
+
+
+def assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]
+
+
+def test_multipart_scan_returns_typed_result_with_pixel_boxes(client, fake_engine):
+    fake_engine.answer = lambda _: completion(VALID_PRODUCTS)
+    r = client.post("/v1/scan", files={"image": ("shelf.jpg", PHOTO, "image/jpeg")},
+                    data={"task": "product_scan", "locale": "en"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "product_scan" and body["model"] == FAKE_MODEL and body["locale"] == "en"
+    assert body["images"][0]["width"] == 1600 and body["images"][0]["height"] == 1200
+    product = body["result"]["products"][0]
+    assert product["box"] == {"x1": 160, "y1": 240, "x2": 480, "y2": 720}
+    assert product["price"] == 3.5 and body["result"]["total_facings"] == 4
+    ProductScan.model_validate({"products": body["result"]["products"]})
+    assert body["usage"]["total_tokens"] == 15
+    assert set(body["timings_ms"]) == {"preprocess", "engine", "total"}
+
+
+def test_engine_request_is_schema_constrained(client, fake_engine):
+    client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"})
+    payload = fake_engine.payloads[0]
+    assert payload["model"] == FAKE_MODEL and payload["temperature"] == 0.0
+    assert payload["response_format"]["type"] == "json_schema"
+    assert payload["response_format"]["json_schema"]["strict"] is True
+    assert not any(k.startswith("guided_") for k in payload)
+    parts = payload["messages"][1]["content"]
+    url = parts[0]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    sent = Image.open(__import__("io").BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.width % 32 == 0 and sent.height % 32 == 0
+    assert payload["messages"][0]["role"] == "system"
+
+
+def test_json_body_with_data_url_and_bare_base64(client):
+    b64 = base64.b64encode(PHOTO).decode()
+    r = client.post("/v1/scan", json={"task": "shelf_audit", "images": ["data:image/jpeg;base64," + b64, b64]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 2
+    assert "fullness_pct" in r.json()["result"]
+
+
+def test_truncated_answer_is_retried_with_more_tokens(client, fake_engine):
+    answers = iter([completion('{"products":[{"name":"Co', "length"), completion(VALID_PRODUCTS)])
+    fake_engine.answer = lambda _: next(answers)
+    r = client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan"})
+    assert r.status_code == 200, r.text
+    first, second = fake_engine.payloads
+    assert second["max_tokens"] == 2 * first["max_tokens"]
+    assert any("retried" in w for w in r.json()["warnings"])
+    assert r.json()["usage"]["total_tokens"] == 30
+
+
+def test_invalid_answer_twice_is_502_with_raw_text(client, fake_engine):
+    fake_engine.answer = lambda _: completion('{"products": "nope"}')
+    r = client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan"})
+    err = assert_error(r, 502, "model_output_invalid")
+    assert "nope" in err["message"]
+    assert len(fake_engine.payloads) == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (httpx.ConnectError("refused"), 503, "upstream_unavailable"),
+        (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
+        (httpx.RemoteProtocolError("dropped"), 502, "engine_error"),
+        (httpx.Response(500, json={"error": {"message": "CUDA out of memory", "type": "x", "code": 500}}),
+         502, "engine_error"),
+        (httpx.Response(503, text="overloaded"), 503, "upstream_unavailable"),
+        (httpx.Response(200, text="<html>proxy</html>"), 502, "engine_error"),
+    ],
+)
+def test_engine_faults_map_to_5xx(client, fake_engine, fault, status, code):
+    def answer(_):
+        if isinstance(fault, Exception):
+            raise fault
+        return fault
+
+    fake_engine.answer = answer
+    r = client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "price_tags"})
+    err = assert_error(r, status, code)
+    if status == 502 and "CUDA" in str(getattr(fault, "text", "")):
+        assert "CUDA out of memory" in err["message"]
+
+
+BAD_INPUTS = [
+    # (description, request kwargs, status, code)
+    ("unknown task", dict(files={"image": ("a.jpg", PHOTO)}, data={"task": "nope"}), 404, "unknown_task"),
+    ("missing task", dict(files={"image": ("a.jpg", PHOTO)}), 400, "invalid_request"),
+    ("no image", dict(files={"task": (None, "product_scan")}), 400, "invalid_request"),
+    ("form-urlencoded", dict(data={"task": "product_scan"}), 415, "unsupported_media_type"),
+    ("wrong field name", dict(files={"file": ("a.jpg", PHOTO)}, data={"task": "product_scan"}), 400, "invalid_request"),
+    ("bad locale", dict(files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan", "locale": "fr"}),
+     400, "invalid_request"),
+    ("too many images", dict(files=[("image", ("a.jpg", PHOTO))] * 3, data={"task": "storefront"}),
+     400, "invalid_request"),
+    ("text not image", dict(files={"image": ("a.jpg", b"hello world")}, data={"task": "product_scan"}),
+     415, "unsupported_media_type"),
+    ("gif", dict(files={"image": ("a.gif", encode(Image.new("RGB", (9, 9)), "GIF"))}, data={"task": "storefront"}),
+     415, "unsupported_media_type"),
+    ("truncated jpeg", dict(files={"image": ("a.jpg", PHOTO[:3000])}, data={"task": "product_scan"}),
+     422, "invalid_image"),
+    ("empty file", dict(files={"image": ("a.jpg", b"")}, data={"task": "product_scan"}), 422, "invalid_image"),
+    ("image over byte limit", dict(files={"image": ("a.jpg", PHOTO + b"\0" * (2 * 1024 * 1024))},
+                                   data={"task": "product_scan"}), 413, "image_too_large"),
+    ("pixel bomb", dict(files={"image": ("b.png", encode(Image.new("1", (12000, 12000)), "PNG"))},
+                        data={"task": "product_scan"}), 413, "image_too_large"),
+    ("plain text body", dict(content=b"hi", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+    ("json not object", dict(content=b"[1,2]", headers={"content-type": "application/json"}), 400, "invalid_request"),
+    ("json broken", dict(content=b'{"task":', headers={"content-type": "application/json"}), 400, "invalid_request"),
+    ("json no images", dict(json={"task": "product_scan", "images": []}), 400, "invalid_request"),
+    ("json bad base64", dict(json={"task": "product_scan", "images": ["%%%"]}), 422, "invalid_image"),
+    ("json image url", dict(json={"task": "product_scan", "images": ["http://x/y.jpg"]}), 400, "invalid_request"),
+    ("json extra field", dict(json={"task": "product_scan", "images": ["AAAA"], "colour": 1}), 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("what", "kwargs", "status", "code"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_documented_4xx(client, fake_engine, what, kwargs, status, code):
+    r = client.post("/v1/scan", **kwargs)
+    assert_error(r, status, code)
+    assert fake_engine.payloads == []  # nothing bad ever reaches the engine
+
+
+def test_request_body_cap_is_413_before_reading(client):
+    r = client.post("/v1/scan", content=b"x", headers={"content-type": "application/json",
+                                                       "content-length": str(10**10)})
+    assert_error(r, 413, "payload_too_large")
+
+
+def test_routing_errors_use_the_same_shape(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.delete("/v1/scan"), 405, "method_not_allowed")
+
+
+def test_tasks_listing(client):
+    body = client.get("/v1/tasks").json()
+    names = {t["name"] for t in body["data"]}
+    assert names == {"product_scan", "shelf_audit", "price_tags", "storefront", "kitchen_compliance"}
+    task = client.get("/v1/tasks/price_tags").json()
+    assert task["engine_schema"]["properties"]["tags"]["maxItems"] > 0
+    assert "tag_count" in json.dumps(task["result_schema"])
+    assert_error(client.get("/v1/tasks/nope"), 404, "unknown_task")
+
+
+def test_openapi_declares_error_shape(client):
+    spec = client.get("/openapi.json").json()
+    responses = spec["paths"]["/v1/scan"]["post"]["responses"]
+    for status in ("400", "413", "415", "422", "429", "502", "503", "504"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    body = spec["paths"]["/v1/scan"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+
+
+def test_probes(client, fake_engine):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").status_code == 200
+
+
+def test_ready_is_503_when_engine_is_gone():
+    from fastapi.testclient import TestClient
+
+    from scanner_gateway.app import create_app
+    from scanner_gateway.config import Settings
+
+    app = create_app(Settings(upstream_url="http://127.0.0.1:9"))  # nothing listens on port 9
+    with TestClient(app) as c:
+        assert_error(c.get("/ready"), 503, "upstream_unavailable")
+        r = c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan"})
+        assert_error(r, 503, "upstream_unavailable")
