@@ -5,7 +5,7 @@ bootstrap:
 	bash scripts/bootstrap.sh
 
 up: bootstrap
-	.venv/bin/scanner-gateway up
+	.venv/bin/scanner-gateway up $(ARGS)
 
 test: bootstrap
 	.venv/bin/python -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -81,6 +82,9 @@ def up(
     ] = None,
 ) -> None:
     """Start vLLM (managed child) and the gateway in front of it; Ctrl-C stops both."""
+    # SIGTERM must unwind through `with engine:` so the child is stopped, never orphaned
+    # (uvicorn re-raises the signal it caught once it has shut down).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     settings = Settings(host=host, port=port)
     registry = _load_registry(settings)
     if model is None:
@@ -117,8 +121,16 @@ def up(
             f"(docs http://{host}:{port}/docs, tasks http://{host}:{port}/v1/tasks)"
         )
         settings = Settings(host=host, port=port, upstream_url=opts.base_url, model=served)
-        _run_gateway(settings)
+        try:
+            _run_gateway(settings)
+        except KeyboardInterrupt:
+            pass
+        console.print("stopping the engine ...")
     console.print("engine stopped")
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 @app.command()
@@ -149,6 +161,20 @@ def make_dev_model(
         console.print(f"[red]needs torch and transformers (pip install '.[engine-cpu]'): {exc}[/red]")
         raise typer.Exit(1) from exc
     console.print(f"dev model written to {out}")
+
+
+@app.command("sample-photo")
+def sample_photo(
+    path: Annotated[Path, typer.Argument(help="Output JPEG, e.g. shelf.jpg.")],
+    width: Annotated[int, typer.Option(min=32, max=12000)] = 4000,
+    height: Annotated[int, typer.Option(min=32, max=12000)] = 3000,
+    seed: Annotated[int, typer.Option(help="Different seeds give different shelves.")] = 0,
+) -> None:
+    """Write a synthetic shelf photo (labelled boxes, price tags) to try the API with."""
+    from scanner_gateway.synthetic import shelf_jpeg
+
+    path.write_bytes(shelf_jpeg(width, height, seed=seed))
+    console.print(f"wrote {path} ({width}x{height})")
 
 
 @app.command()

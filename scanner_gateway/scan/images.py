@@ -30,6 +30,7 @@ from scanner_gateway.errors import (
 
 TILE = 32  # Qwen3-VL: 16 px patch x 2 spatial merge
 DEFAULT_JPEG_QUALITY = 85
+DRAFT_TOLERANCE = 0.9
 
 # Magic numbers of the formats we accept; anything else is 415 before Pillow sees it.
 _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
@@ -176,10 +177,12 @@ def _convert(img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quali
     orig_w, orig_h = (img.height, img.width) if swapped else (img.width, img.height)
     out_w, out_h = target_size(orig_w, orig_h, budget)
     if fmt == "JPEG":
-        # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale: a 12 MP photo headed
-        # for ~1 MP never gets fully decoded.
-        req = (out_h, out_w) if swapped else (out_w, out_h)
-        img.draft("RGB", req)
+        # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale, so a 12 MP photo headed
+        # for ~0.8 MP is never fully decoded. Accepting a draft up to 10% smaller than the
+        # target per side lets 4000x3000 -> 1024x768 decode at 1/4 (1000x750) instead of
+        # 1/2: ~2.5x less CPU for ~5% fewer source pixels.
+        req_w, req_h = (out_h, out_w) if swapped else (out_w, out_h)
+        img.draft("RGB", (math.ceil(req_w * DRAFT_TOLERANCE), math.ceil(req_h * DRAFT_TOLERANCE)))
     img.load()
     img = ImageOps.exif_transpose(img)
     img = _flatten(img)
