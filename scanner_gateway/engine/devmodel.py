@@ -41,23 +41,23 @@ SPECIAL_TOKENS = [
 # image part becomes <|vision_start|><|image_pad|><|vision_end|> in place.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "<|im_start|>{{ message['role'] }}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
+    "{{- message['content'] -}}"
     "{%- else -%}"
     "{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' or part['type'] == 'image_url' or 'image' in part -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
     "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
     "{%- elif 'text' in part -%}"
-    "{{ part['text'] }}"
+    "{{- part['text'] -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
-    "<|im_end|>\n"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 # Words a retail VLM would emit, so the BPE merges look like the domain (zh and en).

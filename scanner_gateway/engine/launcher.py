@@ -98,11 +98,12 @@ def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
     return cmd + list(opts.extra_args)
 
 
-def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def engine_env(model: str, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
-    # Never reach for a hub: models are local directories (or already cached).
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    if Path(model).is_dir():
+        # A local model needs no hub; never let a missing file turn into a download.
+        env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     return env
@@ -128,7 +129,7 @@ class ManagedEngine:
             self.command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=engine_env(),
+            env=engine_env(self.opts.model),
             start_new_session=True,  # its own process group: we stop all its workers
         )
         log.close()

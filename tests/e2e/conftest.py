@@ -58,6 +58,7 @@ def engine(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="session")
 def gateway(engine: ManagedEngine) -> Iterator[TestClient]:
-    app = create_app(Settings(upstream_url=engine.base_url))
+    # Same image limit as tests/api, so the shared bad-input cases mean the same here.
+    app = create_app(Settings(upstream_url=engine.base_url, max_image_bytes=2 * 1024 * 1024))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
