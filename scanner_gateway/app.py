@@ -9,7 +9,8 @@ import httpx
 from fastapi import FastAPI
 
 from scanner_gateway import __version__
-from scanner_gateway.api import ops, scan
+from scanner_gateway.api import ops, openai, scan
+from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
@@ -82,6 +83,8 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(scan.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
+    app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # outermost: before any body
     return app

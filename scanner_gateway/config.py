@@ -55,9 +55,20 @@ class Settings(BaseSettings):
         64, ge=1, description="Images allowed to wait for a worker before answering 429."
     )
     jpeg_quality: int = Field(85, ge=30, le=100)
+    api_keys: str = Field(
+        "", description="Comma-separated client keys; empty (and no keys file) = auth off."
+    )
+    api_keys_file: Path | None = Field(None, description="File with one client key per line.")
     raw_output_in_errors: int = Field(
         500, ge=0, description="Characters of the model's raw text kept in 502 errors."
     )
+
+    def client_keys(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        return keys
 
 
 @lru_cache

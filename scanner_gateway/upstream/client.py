@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from scanner_gateway.errors import EngineError, UpstreamTimeout, UpstreamUnavailable
-from scanner_gateway.protocol import ChatCompletion
+from scanner_gateway.protocol import ChatCompletion, ModelCard, ModelList
 
 HEALTH_TIMEOUT_S = 2.0
 
@@ -73,13 +73,18 @@ class EngineClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._model = model
 
-    async def _request(
-        self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
+    async def _send(
+        self, method: str, path: str, *, stream: bool = False, timeout: float | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
-        url = f"{self.base_url}{path}"
+        """Send one request; transport failures become gateway errors. Status is not checked."""
         extra = {"timeout": timeout} if timeout is not None else {}
+        headers = {**kwargs.pop("headers", {}), **self._headers}  # our engine key wins
+        request = self._http.build_request(
+            method, f"{self.base_url}{path}", headers=headers, **kwargs, **extra
+        )
         try:
-            response = await self._http.request(method, url, headers=self._headers, **kwargs, **extra)
+            return await self._http.send(request, stream=stream)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise UpstreamUnavailable(f"engine at {self.base_url} is unreachable: {exc!r}") from exc
         except httpx.PoolTimeout as exc:
@@ -88,6 +93,11 @@ class EngineClient:
             raise UpstreamTimeout(f"engine did not answer {path} in time") from exc
         except httpx.TransportError as exc:
             raise EngineError(f"connection to the engine failed mid-request: {exc!r}") from exc
+
+    async def _request(
+        self, method: str, path: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        response = await self._send(method, path, timeout=timeout, **kwargs)
         if response.status_code == 503:
             raise UpstreamUnavailable(f"engine is unavailable: {engine_error_message(response)}")
         if response.status_code >= 400:
@@ -96,6 +106,17 @@ class EngineClient:
             )
         return response
 
+    async def open_stream(
+        self, method: str, path: str, *, content: bytes, headers: dict[str, str]
+    ) -> httpx.Response:
+        """Forward raw bytes and return the response with its body not yet read.
+
+        The caller relays the body and must close the response (closing aborts the
+        request in vLLM). Engine error statuses are returned, not raised: a
+        pass-through hands the engine's own error body to its client.
+        """
+        return await self._send(method, path, stream=True, content=content, headers=headers)
+
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
         response = await self._request("POST", "/v1/chat/completions", json=payload)
         try:
@@ -103,11 +124,11 @@ class EngineClient:
         except ValueError as exc:
             raise EngineError(f"engine returned an unreadable completion: {exc}") from exc
 
-    async def list_models(self) -> list[str]:
+    async def list_models(self) -> list[ModelCard]:
         response = await self._request("GET", "/v1/models", timeout=HEALTH_TIMEOUT_S)
         try:
-            return [m["id"] for m in response.json()["data"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            return ModelList.model_validate_json(response.content).data
+        except ValueError as exc:
             raise EngineError(f"engine returned an unreadable model list: {exc}") from exc
 
     async def model_name(self) -> str:
@@ -116,7 +137,7 @@ class EngineClient:
             models = await self.list_models()
             if not models:
                 raise EngineError("the engine serves no models")
-            self._model = models[0]
+            self._model = models[0].id
         return self._model
 
     async def healthy(self) -> bool:

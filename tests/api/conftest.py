@@ -42,6 +42,21 @@ class FakeEngine:
         return completion(json.dumps(sample_instance(schema)))
 
 
+class _LiveStream(httpx.AsyncByteStream):
+    """A body that is streamed, not pre-read, like a real engine's."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self):  # type: ignore[override]
+        for chunk in self.chunks:
+            yield chunk
+
+
+def streamed(status: int, *chunks: bytes, content_type: str = "application/json", **headers: str) -> httpx.Response:
+    return httpx.Response(status, stream=_LiveStream(*chunks), headers={"content-type": content_type, **headers})
+
+
 def completion(content: str, finish_reason: str = "stop") -> httpx.Response:
     return httpx.Response(200, json={
         "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": FAKE_MODEL,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
@@ -62,3 +65,20 @@ def gateway(engine: ManagedEngine) -> Iterator[TestClient]:
     app = create_app(Settings(upstream_url=engine.base_url, max_image_bytes=2 * 1024 * 1024))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def gateway_url(engine: ManagedEngine) -> Iterator[str]:
+    """The gateway on a real socket (uvicorn in a thread): for SDKs and streaming."""
+    port = free_port()
+    app = create_app(Settings(upstream_url=engine.base_url))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -1,0 +1,46 @@
+"""API keys: `Authorization: Bearer <key>` on every route but the probes.
+
+Off when no key is configured. Comparison is constant-time against every key, and keys
+never appear in logs or error messages.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from scanner_gateway.errors import Unauthorized, error_response
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+def key_matches(presented: str, keys: Sequence[str]) -> bool:
+    presented_b = presented.encode()
+    matched = False
+    for key in keys:  # no early exit: timing does not tell which key, or how many
+        matched |= hmac.compare_digest(presented_b, key.encode())
+    return matched
+
+
+class ApiKeyAuth:
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        self.app = app
+        self.keys = tuple(keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            err = Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        elif not key_matches(token.strip(), self.keys):
+            err = Unauthorized("invalid API key")
+        else:
+            await self.app(scope, receive, send)
+            return
+        err.headers["WWW-Authenticate"] = "Bearer"
+        await error_response(err)(scope, receive, send)

@@ -1,0 +1,96 @@
+"""Scan tasks as OpenAI models: `model: "scan/<task>"` on /v1/chat/completions.
+
+The photos are the image parts of the user message(s); the answer is an ordinary
+chat.completion whose assistant content is the validated result JSON (the full scan
+envelope rides along in an extra `scan` field, which OpenAI SDKs keep).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from scanner_gateway.errors import InvalidRequest
+from scanner_gateway.scan.results import ScanResult
+from scanner_gateway.scan.service import ScanService
+from scanner_gateway.scan.tasks import LOCALES, Locale
+
+SCAN_MODEL_PREFIX = "scan/"
+
+
+def scan_task_name(model: str) -> str | None:
+    return model[len(SCAN_MODEL_PREFIX):] if model.startswith(SCAN_MODEL_PREFIX) else None
+
+
+def images_from_messages(messages: Any) -> list[str]:
+    """Image URLs (data URLs or base64) of every user message's image parts, in order."""
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be a list", param="messages")
+    images: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise InvalidRequest("image_url parts need a url", param="messages")
+            images.append(url)
+    return images
+
+
+def _locale(request: dict[str, Any]) -> Locale | None:
+    locale = request.get("locale")
+    if locale is None:
+        return None
+    if locale not in LOCALES:
+        raise InvalidRequest(f"locale must be one of {', '.join(LOCALES)}", param="locale")
+    return locale
+
+
+async def scan_as_chat(service: ScanService, task: str, request: dict[str, Any]) -> ScanResult:
+    images = images_from_messages(request.get("messages"))
+    if not images:
+        raise InvalidRequest(
+            f"model scan/{task} needs at least one image_url part in a user message",
+            param="messages",
+        )
+    return await service.run(task, images, _locale(request))
+
+
+def chat_completion(result: ScanResult) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{result.id}",
+        "object": "chat.completion",
+        "created": result.created,
+        "model": f"{SCAN_MODEL_PREFIX}{result.task}",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": _content(result)},
+            "finish_reason": "stop",
+        }],
+        "usage": result.usage.model_dump(),
+        "scan": result.model_dump(mode="json", exclude={"result"}),
+    }
+
+
+def _content(result: ScanResult) -> str:
+    return json.dumps(result.model_dump(mode="json")["result"], ensure_ascii=False, separators=(",", ":"))
+
+
+async def chat_completion_chunks(result: ScanResult) -> AsyncIterator[bytes]:
+    """The whole answer as one SSE stream: role, content, finish, [DONE]."""
+    base = {"id": f"chatcmpl-{result.id}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": f"{SCAN_MODEL_PREFIX}{result.task}"}
+    deltas = [({"role": "assistant", "content": ""}, None), ({"content": _content(result)}, None), ({}, "stop")]
+    for delta, finish in deltas:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"

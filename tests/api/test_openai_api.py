@@ -1,0 +1,140 @@
+import base64
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from scanner_gateway.app import create_app
+from scanner_gateway.config import Settings
+from tests.api.conftest import FAKE_MODEL, FakeEngine, streamed
+from tests.api.test_scan_api import assert_error
+from tests.helpers import shelf_jpeg
+
+PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(shelf_jpeg(640, 480)).decode()
+
+
+def test_models_lists_engine_models_and_scan_tasks(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[0] == FAKE_MODEL
+    assert {"scan/product_scan", "scan/kitchen_compliance"} <= set(ids) and len(ids) == 6
+
+
+def test_passthrough_forwards_the_body_byte_for_byte(client, settings):
+    seen = {}
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        seen["body"], seen["auth"] = request.content, request.headers.get("authorization")
+        return streamed(200, b'{"id": "x",', b' "object": "chat.completion"}', **{"x-engine": "1"})
+
+    body = (b'{"model": "m",  "messages": [{"role": "user", "content": "hi"}], '
+            b'"structured_outputs": {"json": {"type": "object"}}, "priority": -3, "mm_processor_kwargs": {"a": 1}}')
+    app = create_app(settings.model_copy(update={"upstream_api_key": "engine-secret"}),
+                     engine_transport=httpx.MockTransport(engine))
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["id"] == "x" and r.headers["x-engine"] == "1"
+    assert seen["body"] == body
+    assert seen["auth"] == "Bearer engine-secret"
+
+
+def test_engine_errors_pass_through_with_their_status(settings):
+    err = {"error": {"message": "max_tokens too large", "type": "BadRequestError", "param": None, "code": 400}}
+    app = create_app(settings, engine_transport=httpx.MockTransport(lambda r: streamed(400, json.dumps(err).encode())))
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert r.status_code == 400 and r.json() == err
+
+
+def test_engine_down_is_503_in_our_shape(settings):
+    def down(_):
+        raise httpx.ConnectError("refused")
+
+    app = create_app(settings, engine_transport=httpx.MockTransport(down))
+    with TestClient(app) as c:
+        assert_error(c.post("/v1/chat/completions", json={"model": "m", "messages": []}), 503, "upstream_unavailable")
+        assert_error(c.get("/v1/models"), 503, "upstream_unavailable")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [(b"{", "invalid_request"), (b"[]", "invalid_request"), (b'{"messages": []}', "invalid_request")],
+)
+def test_bad_chat_bodies(client, body, code):
+    assert_error(client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}),
+                 400, code)
+
+
+def test_scan_task_as_model(client, fake_engine: FakeEngine):
+    r = client.post("/v1/chat/completions", json={
+        "model": "scan/storefront",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}},
+                                                  {"type": "text", "text": "check"}]}],
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "scan/storefront"
+    result = json.loads(body["choices"][0]["message"]["content"])
+    assert {"shop_name", "status", "issue_count"} <= set(result)
+    assert body["scan"]["images"][0]["width"] == 640
+    assert fake_engine.payloads[0]["response_format"]["json_schema"]["name"] == "storefront"
+
+
+def test_scan_task_as_model_streams_the_result(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": "scan/shelf_audit", "stream": True,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}}]}],
+    })
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    content = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert "fullness_pct" in json.loads(content)
+
+
+def test_scan_model_errors(client):
+    no_image = {"model": "scan/storefront", "messages": [{"role": "user", "content": "hi"}]}
+    assert_error(client.post("/v1/chat/completions", json=no_image), 400, "invalid_request")
+    unknown = {"model": "scan/nope", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": PHOTO_URL}}]}]}
+    assert_error(client.post("/v1/chat/completions", json=unknown), 404, "unknown_task")
+
+
+@pytest.fixture
+def auth_client(settings, fake_engine, tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# ops team\nfile-key\n")
+    app = create_app(settings.model_copy(update={"api_keys": "k1, k2", "api_keys_file": keys_file}),
+                     engine_transport=httpx.MockTransport(fake_engine))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_auth_protects_everything_but_probes(auth_client):
+    assert auth_client.get("/health").status_code == 200
+    assert auth_client.get("/ready").status_code == 200
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/tasks"), ("POST", "/v1/scan"),
+                         ("POST", "/v1/chat/completions"), ("GET", "/openapi.json")]:
+        r = auth_client.request(method, path)
+        err = assert_error(r, 401, "invalid_api_key")
+        assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("key", ["k1", "k2", "file-key"])
+def test_auth_accepts_every_configured_key(auth_client, key):
+    assert auth_client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["Bearer k3", "Bearer ", "Basic k1", "k1", "Bearer k1x", "Bearer # ops team"])
+def test_auth_rejects_bad_keys_without_echoing_them(auth_client, header):
+    r = auth_client.get("/v1/models", headers={"Authorization": header})
+    err = assert_error(r, 401, "invalid_api_key")
+    assert "k1" not in err["message"] and "k3" not in err["message"]
+
+
+def test_auth_off_by_default(client):
+    assert client.get("/v1/models").status_code == 200
+
+
+def test_settings_parse_keys():
+    assert Settings(api_keys=" a, ,b ").client_keys() == ["a", "b"]
