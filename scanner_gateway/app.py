@@ -9,7 +9,7 @@ import httpx
 from fastapi import FastAPI
 
 from scanner_gateway import __version__
-from scanner_gateway.api import ops, openai, scan
+from scanner_gateway.api import openai, ops, scan
 from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit
 from scanner_gateway.config import Settings

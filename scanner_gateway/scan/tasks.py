@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from scanner_gateway.errors import UnknownTask
 from scanner_gateway.scan import schema as schema_checks
-from scanner_gateway.scan.images import Scale
 from scanner_gateway.scan.images import PixelBudget as ImageBudget
+from scanner_gateway.scan.images import Scale
 from scanner_gateway.scan.postprocess import OutputInvalid, build_result
 from scanner_gateway.scan.results import RESULT_MODELS
 
@@ -70,10 +70,10 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _all_locales(self) -> TaskSpec:
-        for field in ("system", "user"):
-            missing = set(LOCALES) - set(getattr(self, field))
+        for part in ("system", "user"):
+            missing = set(LOCALES) - set(getattr(self, part))
             if missing:
-                raise ValueError(f"{field} is missing locale(s) {sorted(missing)}")
+                raise ValueError(f"{part} is missing locale(s) {sorted(missing)}")
         return self
 
 

@@ -135,3 +135,25 @@ def test_base64_inputs():
         decode_image_ref("https://example.com/shelf.jpg", max_bytes=10**7)
     with pytest.raises(ImageTooLarge):
         decode_image_ref(b64, max_bytes=100)
+
+
+def test_normalizer_queue_is_bounded_and_answers_429():
+    import asyncio
+
+    from scanner_gateway.errors import Overloaded
+    from scanner_gateway.scan.images import ImageNormalizer
+
+    photo = shelf_jpeg(4000, 3000, seed=9)
+
+    async def main():
+        normalizer = ImageNormalizer(workers=1, queue_limit=1, **LIMITS)
+        try:
+            # One runs, one waits, the third finds the queue full.
+            return await asyncio.gather(*(normalizer.normalize(photo, BUDGET) for _ in range(3)),
+                                        return_exceptions=True)
+        finally:
+            normalizer.close()
+
+    first, second, third = asyncio.run(main())
+    assert first.scale.original_width == 4000 and second.scale.original_width == 4000
+    assert isinstance(third, Overloaded) and third.status == 429 and third.headers["Retry-After"] == "1"
