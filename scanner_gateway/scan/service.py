@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from scanner_gateway.errors import InvalidRequest, ModelOutputInvalid
 from scanner_gateway.protocol import ChatCompletion
 from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
@@ -85,6 +87,38 @@ class ScanService:
                 raise outcome
         return results  # type: ignore[return-value]
 
+    async def _answer(
+        self, task: Task, model: str, images: Sequence[NormalizedImage], locale: Locale
+    ) -> tuple[BaseModel | dict[str, Any], ScanUsage, list[str], str]:
+        """Ask the engine; retry once, with more tokens, on a cut or invalid answer."""
+        messages = build_messages(task, images, locale)
+        scales = [img.scale for img in images]
+        usage = ScanUsage()
+        warnings: list[str] = []
+        max_tokens = task.spec.sampling.max_tokens
+        for attempt in (1, 2):
+            payload = build_payload(task, model, messages, len(images), max_tokens)
+            completion = await self.engine.chat(payload)
+            _add_usage(usage, completion)
+            choice = completion.choices[0] if completion.choices else None
+            text = choice.message.content if choice and isinstance(choice.message.content, str) else None
+            try:
+                if choice is not None and choice.finish_reason == "length":
+                    raise OutputInvalid(f"answer cut at max_tokens={max_tokens}")
+                result, box_warnings = build_result(
+                    parse_output(text, task.validator), scales, task.result_model
+                )
+                return result, usage, warnings + box_warnings, completion.model
+            except OutputInvalid as exc:
+                if attempt == 2:
+                    raw = (text or "")[: self.raw_output_chars]
+                    raise ModelOutputInvalid(
+                        f"the model's answer was invalid twice ({exc}); raw output: {raw!r}"
+                    ) from exc
+                warnings.append(f"first answer invalid ({exc}); retried with more tokens")
+                max_tokens *= RETRY_TOKEN_FACTOR
+        raise AssertionError("unreachable")
+
     async def run(
         self, task_name: str, images: Sequence[bytes | str], locale: Locale | None = None
     ) -> ScanResult:
@@ -95,38 +129,14 @@ class ScanService:
         preprocess_ms = (time.perf_counter() - started) * 1000
 
         model = await self.engine.model_name()
-        messages = build_messages(task, normalized, locale)
-        scales = [img.scale for img in normalized]
-        usage = ScanUsage()
-        warnings: list[str] = []
-        max_tokens = task.spec.sampling.max_tokens
         engine_started = time.perf_counter()
-        for attempt in (1, 2):
-            completion = await self.engine.chat(build_payload(task, model, messages, len(normalized), max_tokens))
-            _add_usage(usage, completion)
-            choice = completion.choices[0] if completion.choices else None
-            text = choice.message.content if choice and isinstance(choice.message.content, str) else None
-            try:
-                if choice is not None and choice.finish_reason == "length":
-                    raise OutputInvalid(f"answer cut at max_tokens={max_tokens}")
-                data = parse_output(text, task.validator)
-                result, box_warnings = build_result(data, scales, task.result_model)
-                break
-            except OutputInvalid as exc:
-                if attempt == 2:
-                    raw = (text or "")[: self.raw_output_chars]
-                    raise ModelOutputInvalid(
-                        f"the model's answer was invalid twice ({exc}); raw output: {raw!r}"
-                    ) from exc
-                warnings.append(f"first answer invalid ({exc}); retried with more tokens")
-                max_tokens *= RETRY_TOKEN_FACTOR
+        result, usage, warnings, served_model = await self._answer(task, model, normalized, locale)
         engine_ms = (time.perf_counter() - engine_started) * 1000
-        warnings += box_warnings
         return ScanResult(
             id=f"scan-{uuid.uuid4().hex}",
             task=task.name,
             task_version=str(task.spec.version),
-            model=completion.model,
+            model=served_model,
             created=int(time.time()),
             locale=locale,
             images=[
