@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -69,8 +68,3 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

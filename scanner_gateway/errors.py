@@ -8,6 +8,7 @@ Starlette's HTTP exceptions, or a bug (500, message hidden).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -141,13 +142,14 @@ def error_response(err: GatewayError) -> JSONResponse:
     )
 
 
-def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
+    """A 400 naming the first of pydantic's/FastAPI's validation errors."""
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+    return InvalidRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -157,8 +159,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe_validation(list(exc.errors()))
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(invalid_request_from(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,9 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, error_responses
-from scanner_gateway.errors import ImageTooLarge, InvalidRequest, UnsupportedMedia
+from scanner_gateway.errors import (
+    ImageTooLarge,
+    InvalidRequest,
+    UnsupportedMedia,
+    invalid_request_from,
+)
 from scanner_gateway.scan.results import ScanResult
-from scanner_gateway.scan.tasks import Locale
+from scanner_gateway.scan.tasks import Locale, parse_locale
 
 router = APIRouter(tags=["scan"])
 
@@ -26,16 +31,6 @@ class ScanJSONRequest(BaseModel):
         min_length=1, max_length=MAX_FORM_FILES, description="Data URLs or bare base64 strings."
     )
     locale: Locale | None = None
-
-
-def _locale(value: Any) -> Locale | None:
-    if value in (None, ""):
-        return None
-    if value not in get_args(Locale):
-        raise InvalidRequest(
-            f"locale must be one of {', '.join(get_args(Locale))}; got {value!r}", param="locale"
-        )
-    return value
 
 
 async def _from_form(request: Request, max_image_bytes: int) -> tuple[str, list[bytes], Locale | None]:
@@ -60,16 +55,14 @@ async def _from_form(request: Request, max_image_bytes: int) -> tuple[str, list[
                 param="image",
             )
         images.append(await item.read())
-    return task, images, _locale(form.get("locale"))
+    return task, images, parse_locale(form.get("locale"))
 
 
 async def _from_json(request: Request) -> tuple[str, list[str], Locale | None]:
     try:
         body = ScanJSONRequest.model_validate_json(await request.body())
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise InvalidRequest(f"{param or 'body'}: {first['msg']}", param=param) from exc
+        raise invalid_request_from(exc.errors()) from exc
     return body.task, body.images, body.locale
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from scanner_gateway.errors import InvalidRequest
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.service import ScanService
-from scanner_gateway.scan.tasks import LOCALES, Locale
+from scanner_gateway.scan.tasks import parse_locale
 
 SCAN_MODEL_PREFIX = "scan/"
 
@@ -46,15 +46,6 @@ def images_from_messages(messages: Any) -> list[str]:
     return images
 
 
-def _locale(request: dict[str, Any]) -> Locale | None:
-    locale = request.get("locale")
-    if locale is None:
-        return None
-    if locale not in LOCALES:
-        raise InvalidRequest(f"locale must be one of {', '.join(LOCALES)}", param="locale")
-    return locale
-
-
 async def scan_as_chat(service: ScanService, task: str, request: dict[str, Any]) -> ScanResult:
     images = images_from_messages(request.get("messages"))
     if not images:
@@ -62,7 +53,7 @@ async def scan_as_chat(service: ScanService, task: str, request: dict[str, Any])
             f"model scan/{task} needs at least one image_url part in a user message",
             param="messages",
         )
-    return await service.run(task, images, _locale(request))
+    return await service.run(task, images, parse_locale(request.get("locale")))
 
 
 def chat_completion(result: ScanResult) -> dict[str, Any]:

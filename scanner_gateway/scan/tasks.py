@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scanner_gateway.errors import UnknownTask
+from scanner_gateway.errors import InvalidRequest, UnknownTask
 from scanner_gateway.scan import schema as schema_checks
 from scanner_gateway.scan.images import PixelBudget as ImageBudget
 from scanner_gateway.scan.images import Scale
@@ -30,6 +30,17 @@ LOCALES: tuple[Locale, ...] = ("zh", "en")
 TEMPLATE_VARIABLES = ("image_count",)
 TILE_AREA = 32 * 32
 IMAGE_INDEX_KEY = "image"  # per-item photo index in multi-photo tasks
+
+
+def parse_locale(value: Any) -> Locale | None:
+    """A request's optional locale; None or "" means the gateway's default."""
+    if value in (None, ""):
+        return None
+    if value not in LOCALES:
+        raise InvalidRequest(
+            f"locale must be one of {', '.join(LOCALES)}; got {value!r}", param="locale"
+        )
+    return value
 
 
 class TaskConfigError(RuntimeError):
