@@ -1,13 +1,16 @@
 """Pass-through overhead: the same load straight at an engine and through the gateway, one run.
 
-    .venv/bin/python bench/passthrough.py [--concurrency 64] [--seconds 10] [--body-kb 100]
+    .venv/bin/python bench/passthrough.py [--concurrency 64] [--seconds 10] [--body-kb 100] [--workers 1]
 
-The engine here is a FAKE ENGINE (a tiny ASGI app that answers every chat completion
-after a fixed delay, default 50 ms): a real vLLM on CPU would hide the gateway's cost
-behind its own. It measures only what the gateway adds: req/s, added p50/p99 latency,
-and the gateway process's CPU per request (Linux /proc). The load generator (httpx,
-in this process) shares the machine, so absolute req/s depend on the box; the ratio
-gateway/direct is the figure to compare.
+The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
+after a fixed delay, default 50 ms, and streams SSE when asked): a real vLLM would hide
+the gateway's cost behind its own. It measures only what the gateway adds:
+
+- req/s and p50/p99 latency at concurrency C, direct vs through the gateway, from `wrk`
+  (apt-get install wrk; a C load generator, so the client is not the bottleneck; without
+  it a slower Python generator is used and says so);
+- the gateway's CPU per request (Linux /proc, all its worker processes);
+- streaming time-to-first-byte, direct vs gateway (sequential requests, median).
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import asyncio
 import base64
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,20 +39,42 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = r'''
 import asyncio, sys
 ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+EVENT = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
 DELAY = float(sys.argv[2])
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    more = True
+    body, more = b"", True
     while more:
-        more = (await receive()).get("more_body", False)
-    if scope["path"] != "/health":
-        await asyncio.sleep(DELAY)
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if scope["path"] == "/health":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await asyncio.sleep(DELAY)
+    if b'"stream": true' in body:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(5):
+            await send({"type": "http.response.body", "body": EVENT, "more_body": True})
+            await asyncio.sleep(0.005)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": ANSWER})
 import uvicorn
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 '''
+
+
+@dataclass
+class LoadResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
 
 
 def free_port() -> int:
@@ -54,23 +83,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
+def wait_http(url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            httpx.get(url, timeout=1)
-            return
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree_cpu_s(pid: int) -> float:
+    """User+system CPU seconds of `pid` and its children (the gateway's workers)."""
+    total, pids = 0.0, [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> list[float]:
+def _wrk_ms(text: str, label: str) -> float:
+    match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", text)
+    if not match:
+        raise RuntimeError(f"wrk printed no {label} latency:\n{text}")
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def load_wrk(url: str, body_file: Path, concurrency: int, seconds: float) -> LoadResult:
+    script = body_file.with_suffix(".lua")
+    script.write_text(
+        f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
+        'wrk.method = "POST"; wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = int(errors_match.group(1)) if errors_match else 0
+    errors += sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
+    return LoadResult(float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+                      _wrk_ms(out, "50%"), _wrk_ms(out, "99%"), requests, errors)
+
+
+async def _load_python(url: str, body: bytes, concurrency: int, seconds: float) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -86,54 +153,90 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> list[
                 else:
                     errors += 1
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    if errors:
-        raise RuntimeError(f"{errors} requests failed against {url}")
-    return latencies
+    latencies.sort()
+    return LoadResult(len(latencies) / seconds, statistics.median(latencies),
+                      latencies[int(0.99 * (len(latencies) - 1))], len(latencies) + errors, errors)
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+def ttfb_ms(url: str, body: bytes, n: int) -> float:
+    """Median time to the first body byte of a streamed answer, sequential requests."""
+    samples = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            with client.stream("POST", url, content=body, headers={"content-type": "application/json"}) as r:
+                chunks = r.iter_raw()
+                next(chunks)
+                samples.append((time.perf_counter() - t0) * 1000)
+                for _ in chunks:
+                    pass
+    return statistics.median(samples)
 
 
-def main(concurrency: int = 64, seconds: float = 10.0, body_kb: int = 100, delay_ms: float = 50.0) -> None:
+def main(
+    concurrency: int = 64, seconds: float = 10.0, body_kb: int = 100, delay_ms: float = 50.0,
+    workers: int = 1, ttfb_requests: int = 100,
+) -> None:
     console = Console()
     image = base64.b64encode(os.urandom(body_kb * 1024 * 3 // 4)).decode()
-    body = json.dumps({"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": [
+    request = {"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + image}},
-        {"type": "text", "text": "what is on the shelf?"}]}]}).encode()
+        {"type": "text", "text": "what is on the shelf?"}]}]}
+    body = json.dumps(request).encode()
+    stream_body = json.dumps({**request, "stream": True}).encode()
+    use_wrk = shutil.which("wrk") is not None
+    if not use_wrk:
+        console.print("[yellow]wrk not found (apt-get install wrk): using the Python load generator, "
+                      "which saturates before the gateway does; req/s figures understate both sides.")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-passthrough-"))
+    body_file = tmp / "body.json"
+    body_file.write_bytes(body)
+
     engine_port, gw_port = free_port(), free_port()
     engine = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(engine_port), str(delay_ms / 1000)])
     gateway = subprocess.Popen(
         [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", f"http://127.0.0.1:{engine_port}",
-         "--port", str(gw_port)],
-        env={**os.environ, "SCANNER_MODEL": "fake"}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--port", str(gw_port), "--workers", str(workers)],
+        env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": "false"}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{engine_port}/health")
         wait_http(f"http://127.0.0.1:{gw_port}/health")
-        rows = {}
+        rows: dict[str, tuple[LoadResult, float, float]] = {}
         for name, port in (("direct (fake engine)", engine_port), ("gateway", gw_port)):
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            asyncio.run(load(url, body, concurrency, 2.0))  # warm-up: connections, caches
-            cpu0 = cpu_seconds(gateway.pid)
-            lat = asyncio.run(load(url, body, concurrency, seconds))
-            cpu = cpu_seconds(gateway.pid) - cpu0
-            rows[name] = (len(lat) / seconds, statistics.median(lat), pct(lat, 0.99), cpu / len(lat) * 1000)
+
+            def run(secs: float, url: str = url) -> LoadResult:
+                if use_wrk:
+                    return load_wrk(url, body_file, concurrency, secs)
+                return asyncio.run(_load_python(url, body, concurrency, secs))
+
+            run(2.0)  # warm-up: connections, caches
+            cpu0 = process_tree_cpu_s(gateway.pid)
+            result = run(seconds)
+            cpu_ms = (process_tree_cpu_s(gateway.pid) - cpu0) / max(result.requests, 1) * 1000
+            rows[name] = (result, cpu_ms, ttfb_ms(url, stream_body, ttfb_requests))
         direct, gw = rows["direct (fake engine)"], rows["gateway"]
-        table = Table(title=f"pass-through, c={concurrency}, {len(body) // 1024} KB bodies, "
-                            f"fake engine {delay_ms:.0f} ms, 1 gateway worker, {seconds:.0f} s each")
-        for col in ("target", "req/s", "p50 ms", "p99 ms", "gateway CPU ms/req"):
+        table = Table(title=f"pass-through: c={concurrency}, {len(body) // 1024} KB bodies, fake engine "
+                            f"{delay_ms:.0f} ms, {workers} gateway worker(s), {seconds:g} s each, "
+                            f"load by {'wrk' if use_wrk else 'python httpx'}, {os.cpu_count()} CPUs")
+        for col in ("target", "req/s", "p50 ms", "p99 ms", "errors", "gateway CPU ms/req", "stream TTFB ms"):
             table.add_column(col, justify="right")
-        table.add_row("direct (fake engine)", f"{direct[0]:.0f}", f"{direct[1]:.1f}", f"{direct[2]:.1f}", "-")
-        table.add_row("gateway", f"{gw[0]:.0f}", f"{gw[1]:.1f}", f"{gw[2]:.1f}", f"{gw[3]:.2f}")
+        for name, (r, cpu_ms, ttfb) in rows.items():
+            table.add_row(name, f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors),
+                          "-" if name.startswith("direct") else f"{cpu_ms:.3f}", f"{ttfb:.2f}")
         console.print(table)
-        console.print(f"gateway/direct req/s = {gw[0] / direct[0]:.2f}; added p50 = {gw[1] - direct[1]:.1f} ms, "
-                      f"added p99 = {gw[2] - direct[2]:.1f} ms")
+        console.print(
+            f"gateway/direct req/s = {gw[0].rps / direct[0].rps:.3f}; "
+            f"added p50 = {gw[0].p50_ms - direct[0].p50_ms:+.1f} ms, added p99 = {gw[0].p99_ms - direct[0].p99_ms:+.1f} ms; "
+            f"gateway CPU = {gw[1]:.3f} ms/request; added stream TTFB = {gw[2] - direct[2]:+.2f} ms"
+        )
     finally:
         for proc in (gateway, engine):
             proc.terminate()
             proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI
 
 from scanner_gateway import __version__
@@ -17,7 +16,10 @@ from scanner_gateway.errors import install_error_handlers
 from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
-from scanner_gateway.upstream.client import EngineClient, build_http_client
+from scanner_gateway.upstream.client import EngineClient, build_session
+from scanner_gateway.upstream.passthrough import ChatPassthrough
+from scanner_gateway.upstream.pool import ReplicaPool
+from scanner_gateway.upstream.routing import build_policy
 
 MIB = 1024 * 1024
 
@@ -30,29 +32,27 @@ def request_size_limit(settings: Settings, registry: TaskRegistry) -> int:
     return most_images * settings.max_image_bytes * 4 // 3 + MIB
 
 
-def create_app(
-    settings: Settings, *, engine_transport: httpx.AsyncBaseTransport | None = None
-) -> FastAPI:
-    """Build the app. Task files are loaded here, so a bad one stops startup at once.
-
-    `engine_transport` (an httpx transport) lets tests put a fake engine behind the client.
-    """
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app. Task files and upstream URLs are checked here, so a bad one stops
+    startup at once."""
     registry = TaskRegistry.load(settings.prompts_dir)
+    upstream_urls = settings.upstream_urls()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http = build_http_client(
+        session = build_session(
             connect_timeout_s=settings.engine_connect_timeout_s,
             read_timeout_s=settings.engine_read_timeout_s,
             max_connections=settings.engine_max_connections,
-            transport=engine_transport,
         )
-        engine = EngineClient(
-            http,
-            str(settings.upstream_url),
-            api_key=settings.upstream_api_key,
+        pool = ReplicaPool(
+            [EngineClient(session, url, api_key=settings.upstream_api_key) for url in upstream_urls],
+            build_policy(settings.routing),
             model=settings.model,
+            probe_interval_s=settings.probe_interval_s,
+            max_attempts=settings.upstream_attempts,
         )
+        await pool.start()
         normalizer = ImageNormalizer(
             workers=settings.image_workers,
             queue_limit=settings.image_queue_limit,
@@ -61,11 +61,11 @@ def create_app(
             quality=settings.jpeg_quality,
         )
         app.state.registry = registry
-        app.state.engine = engine
+        app.state.pool = pool
         app.state.scan_service = ScanService(
             registry,
             normalizer,
-            engine,
+            pool,
             default_locale=settings.default_locale,
             raw_output_chars=settings.raw_output_in_errors,
         )
@@ -73,7 +73,8 @@ def create_app(
             yield
         finally:
             normalizer.close()
-            await http.aclose()
+            await pool.close()
+            await session.close()
 
     app = FastAPI(
         title="Scanner gateway",
@@ -85,6 +86,12 @@ def create_app(
     app.include_router(scan.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
     app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # outermost: before any body
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes: settings from SCANNER_* variables."""
+    return create_app(Settings())

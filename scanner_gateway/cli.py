@@ -46,14 +46,19 @@ def _run_gateway(settings: Settings, workers: int = 1) -> None:
     from scanner_gateway.app import create_app
 
     _load_registry(settings)  # fail with a clear message before uvicorn starts
-    uvicorn.run(
-        create_app(settings),
+    common = dict(
         host=settings.host,
         port=settings.port,
         log_level="info",
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
-        workers=None if workers == 1 else workers,
     )
+    if workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Worker processes build their own app from the environment: hand them our settings.
+    os.environ.update(settings.as_env())
+    uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers, **common)
 
 
 def ensure_dev_model(directory: Path) -> Path:

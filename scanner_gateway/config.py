@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, HttpUrl
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Generation on a busy engine takes far longer than httpx's 5 s default.
+from scanner_gateway.upstream.routing import PolicyName
+
+# Generation on a busy engine takes minutes; HTTP clients' defaults (5 s) are far too short.
 DEFAULT_ENGINE_READ_TIMEOUT_S = 120.0
 DEFAULT_ENGINE_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -27,7 +30,18 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
 
     upstream_url: HttpUrl = Field(
-        HttpUrl("http://127.0.0.1:8000"), description="Base URL of the vLLM server (no /v1)."
+        HttpUrl("http://127.0.0.1:8000"),
+        description="Base URL of the vLLM server (no /v1); SCANNER_UPSTREAMS overrides it.",
+    )
+    upstreams: str = Field(
+        "", description="Comma-separated base URLs of several vLLM replicas (one pool)."
+    )
+    routing: PolicyName = Field("least_loaded", description="least_loaded or round_robin.")
+    probe_interval_s: float = Field(
+        1.0, gt=0, description="How often each replica's /health and /metrics are read."
+    )
+    upstream_attempts: int = Field(
+        3, ge=1, description="Replicas tried per request when one cannot be reached."
     )
     upstream_api_key: str | None = Field(
         None, description="Key the gateway sends to vLLM (`vllm serve --api-key`)."
@@ -58,9 +72,22 @@ class Settings(BaseSettings):
         "", description="Comma-separated client keys; empty (and no keys file) = auth off."
     )
     api_keys_file: Path | None = Field(None, description="File with one client key per line.")
+    access_log: bool = Field(True, description="One log line per request (uvicorn's access log).")
     raw_output_in_errors: int = Field(
         500, ge=0, description="Characters of the model's raw text kept in 502 errors."
     )
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as SCANNER_* variables (for worker processes to read back)."""
+        env = {}
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():
+            env[f"SCANNER_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        return env
+
+    def upstream_urls(self) -> list[str]:
+        urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
+        checked = [str(HttpUrl(u)).rstrip("/") for u in urls]  # raises on a malformed URL
+        return checked or [str(self.upstream_url).rstrip("/")]
 
     def client_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -122,6 +122,10 @@ class UpstreamUnavailable(UpstreamError):
     code = "upstream_unavailable"
 
 
+class EngineUnreachable(UpstreamUnavailable):
+    """No connection to the engine could be made: it is down, not just busy."""
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: shared objects built in the lifespan, read from app.state."""
+"""FastAPI dependencies: shared objects built in the lifespan, read from app.state.
+
+They are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +12,24 @@ from fastapi import Depends, Request
 from scanner_gateway.protocol import ErrorResponse
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
-from scanner_gateway.upstream.client import EngineClient
+from scanner_gateway.upstream.pool import ReplicaPool
 
 
-def get_scan_service(request: Request) -> ScanService:
+async def get_scan_service(request: Request) -> ScanService:
     return request.app.state.scan_service
 
 
-def get_registry(request: Request) -> TaskRegistry:
+async def get_registry(request: Request) -> TaskRegistry:
     return request.app.state.registry
 
 
-def get_engine(request: Request) -> EngineClient:
-    return request.app.state.engine
+async def get_pool(request: Request) -> ReplicaPool:
+    return request.app.state.pool
 
 
 ScanServiceDep = Annotated[ScanService, Depends(get_scan_service)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
-EngineDep = Annotated[EngineClient, Depends(get_engine)]
+PoolDep = Annotated[ReplicaPool, Depends(get_pool)]
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from scanner_gateway.api.deps import EngineDep, RegistryDep, error_responses
+from scanner_gateway.api.deps import PoolDep, RegistryDep, error_responses
 from scanner_gateway.errors import UpstreamUnavailable, error_response
 
 router = APIRouter(tags=["ops"])
@@ -18,8 +18,9 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses=error_responses(503))
-async def ready(registry: RegistryDep, engine: EngineDep) -> JSONResponse:
-    """Ready when the tasks are loaded and the engine answers its /health."""
-    if not await engine.healthy():
-        return error_response(UpstreamUnavailable(f"engine at {engine.base_url} is not healthy"))
-    return JSONResponse({"status": "ready", "tasks": len(registry), "engine": engine.base_url})
+async def ready(registry: RegistryDep, pool: PoolDep) -> JSONResponse:
+    """Ready when the tasks are loaded and at least one engine replica is healthy."""
+    replicas = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight} for r in pool.replicas]
+    if not pool.ready():
+        return error_response(UpstreamUnavailable(f"no healthy engine replica: {replicas}"))
+    return JSONResponse({"status": "ready", "tasks": len(registry), "replicas": replicas})

@@ -16,7 +16,7 @@ from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
 from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_output
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
 from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
-from scanner_gateway.upstream.client import EngineClient
+from scanner_gateway.upstream.pool import ReplicaPool
 
 # A truncated or invalid answer is retried once with this much more room.
 RETRY_TOKEN_FACTOR = 2
@@ -56,7 +56,7 @@ class ScanService:
         self,
         registry: TaskRegistry,
         normalizer: ImageNormalizer,
-        engine: EngineClient,
+        engine: ReplicaPool,
         *,
         default_locale: Locale = "zh",
         raw_output_chars: int = 500,

@@ -1,41 +1,158 @@
-"""Relay a request to vLLM byte for byte: the body is forwarded as received (vLLM-specific
-fields such as structured_outputs, mm_processor_kwargs and priority pass untouched), and
-the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered."""
+"""Relay an OpenAI request to vLLM byte for byte, at raw-ASGI cost.
+
+The body is forwarded as received (vLLM-specific fields such as structured_outputs,
+mm_processor_kwargs and priority pass untouched, nothing is parsed or re-serialised) and
+the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered.
+
+`ChatPassthrough` takes `POST /v1/chat/completions` before FastAPI sees it: FastAPI's
+request cycle (routing, dependency solving, StreamingResponse's task group) cost more
+CPU than the whole relay. Bodies that may name a `scan/<task>` model go on to the
+FastAPI route, which runs the scan (or, if the mention was elsewhere, relays after all).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import Awaitable, Callable
 
-import httpx
-from starlette.background import BackgroundTask
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scanner_gateway.upstream.client import EngineClient
+from scanner_gateway.errors import GatewayError, error_response
+from scanner_gateway.upstream.pool import ReplicaPool
 
-# Hop-by-hop and length headers are the proxy's business, not the engine's.
-_DROP = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "server", "date"})
+CHAT_PATH = "/v1/chat/completions"
+# Hop-by-hop headers are the proxy's business, not the engine's.
+_DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
+# How a scan model's name can start in JSON (PHP escapes "/" by default).
+_SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
 
 
-async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+def may_name_scan_model(body: bytes) -> bool:
+    """Cheap pre-check, no parse: False means the body surely names no scan model.
+
+    Visits only the string openings: a quote is found with memchr, and a 100 KB base64
+    image holds none, so this costs ~8 us where `b'"scan/' in body` cost ~80 us.
+    """
+    quote = body.find(b'"')
+    while quote != -1:
+        if body.startswith(_SCAN_MODEL_STARTS, quote + 1):
+            return True
+        quote = body.find(b'"', quote + 1)
+    return False
+
+
+async def relay(
+    pool: ReplicaPool, path: str, body: bytes, content_type: str, receive: Receive, send: Send
+) -> None:
+    """Forward `body` to a replica and relay its answer to the ASGI `send`.
+
+    A client that goes away cancels the relay; leaving `pool.stream` then closes the
+    engine connection, which is how vLLM learns to abort the request.
+    """
+    relay_task = asyncio.current_task()
+    assert relay_task is not None
+    client_gone = False
+
+    async def watch_disconnect() -> None:
+        nonlocal client_gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_gone = True
+        relay_task.cancel()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    started = False
     try:
-        async for chunk in response.aiter_raw():
-            yield chunk
+        async with pool.stream(path, body, content_type) as (client, response):
+            headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP]
+            if response.content_type == "text/event-stream":
+                headers.append((b"x-accel-buffering", b"no"))  # nginx-style proxies: do not buffer SSE
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            started = True
+            async for chunk in client.relay(response):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except asyncio.CancelledError:
+        if not client_gone:
+            raise
+        relay_task.uncancel()  # we cancelled ourselves on purpose: the client left
+        return
+    except GatewayError as err:
+        if started:  # mid-body: all we can do is end the response early
+            return
+        watcher.cancel()
+        await error_response(err)(_http_scope(), receive, send)
+        return
     finally:
-        await response.aclose()
+        watcher.cancel()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def forward(engine: EngineClient, path: str, body: bytes, content_type: str) -> StreamingResponse:
-    response = await engine.open_stream(
-        "POST", path, content=body, headers={"content-type": content_type or "application/json"}
-    )
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in _DROP}
-    if "text/event-stream" in response.headers.get("content-type", ""):
-        headers["x-accel-buffering"] = "no"  # tell nginx-style proxies not to buffer SSE
-    # Closing the upstream response when we are done (or when the client goes away and
-    # Starlette cancels the relay) closes the connection, which aborts the request in vLLM.
-    return StreamingResponse(
-        _relay(response),
-        status_code=response.status_code,
-        headers=headers,
-        background=BackgroundTask(response.aclose),
-    )
+def _http_scope() -> Scope:
+    # Starlette responses only read the scope's type and extensions.
+    return {"type": "http", "extensions": {}}
+
+
+class PassthroughResponse(Response):
+    """A response that relays a request to the engine (for use from a route)."""
+
+    def __init__(self, pool: ReplicaPool, path: str, body: bytes, content_type: str) -> None:
+        # Starlette's Response.__init__ would render a body; this one relays instead.
+        self.args = (pool, path, body, content_type)
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await relay(*self.args, receive, send)
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None if the client left before sending it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+    """A `receive` that hands out an already-read body once, then defers to the real one."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
+class ChatPassthrough:
+    """Pure-ASGI fast path for `POST /v1/chat/completions` to an engine model."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != CHAT_PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(receive)
+        except GatewayError as err:  # e.g. the body-size cap, raised while reading
+            await error_response(err)(scope, receive, send)
+            return
+        if body is None:
+            return
+        if may_name_scan_model(body):
+            await self.app(scope, replay(body, receive), send)
+            return
+        content_type = ""
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                content_type = value.decode("latin-1")
+        await relay(scope["app"].state.pool, CHAT_PATH, body, content_type, receive, send)

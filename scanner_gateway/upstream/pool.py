@@ -1,0 +1,219 @@
+"""ReplicaPool: several vLLM replicas behind one interface, with health, routing and retries.
+
+- A background monitor probes each replica's `/health` and scrapes its queue gauges
+  every `probe_interval_s`. A replica that refuses connections (to a request or a probe)
+  or fails its health probe with 503 is ejected at once; one that misses `FAILURES_TO_EJECT` probes in a row (slow, not dead) too.
+  Ejected replicas are re-probed after a backoff that doubles up to `MAX_EJECT_S`, and
+  re-admitted on their first healthy answer (a circuit breaker).
+- Every request picks a replica with the routing policy and counts itself in flight there.
+- A request that could not reach a replica (refused, 503, connection dropped before any
+  answer) is retried on another one, at most `max_attempts` times with a jittered pause.
+  With no routable replica left it fails at once with 503: never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+
+from scanner_gateway.errors import (
+    EngineError,
+    EngineUnreachable,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from scanner_gateway.protocol import ChatCompletion, ModelCard
+from scanner_gateway.upstream.client import EngineClient
+from scanner_gateway.upstream.gauges import EngineGauges, parse_engine_gauges
+from scanner_gateway.upstream.routing import ReplicaLoad, RoutingPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FAILURES_TO_EJECT = 3
+MIN_EJECT_S = 0.5
+MAX_EJECT_S = 5.0
+RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
+
+
+@dataclass
+class Replica:
+    index: int
+    client: EngineClient
+    healthy: bool = True  # optimistic until the first probe says otherwise
+    in_flight: int = 0
+    gauges: EngineGauges = field(default_factory=EngineGauges)
+    failures: int = 0
+    eject_s: float = MIN_EJECT_S
+    probe_after: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+    def load(self) -> ReplicaLoad:
+        return ReplicaLoad(self.index, self.in_flight, self.gauges.waiting, self.gauges.running)
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        clients: Sequence[EngineClient],
+        policy: RoutingPolicy,
+        *,
+        model: str | None = None,
+        probe_interval_s: float = 1.0,
+        max_attempts: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not clients:
+            raise ValueError("a replica pool needs at least one engine URL")
+        self.replicas = [Replica(i, c) for i, c in enumerate(clients)]
+        self.policy = policy
+        self.probe_interval_s = probe_interval_s
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self._model = model
+        self._monitor: asyncio.Task[None] | None = None
+
+    # -- health --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Probe every replica once (so readiness is right from the start), then monitor."""
+        await self.probe_all()
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="replica-monitor")
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except asyncio.CancelledError:
+                pass
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # the monitor must outlive any surprise
+                log.exception("replica probe round failed")
+
+    async def probe_all(self) -> None:
+        now = self._clock()
+        due = [r for r in self.replicas if r.healthy or now >= r.probe_after]
+        await asyncio.gather(*(self._probe(r) for r in due))
+
+    async def _probe(self, replica: Replica) -> None:
+        try:
+            await replica.client.health()
+        except UpstreamError as exc:
+            self.failed(replica, exc, definitive=isinstance(exc, UpstreamUnavailable))
+            return
+        if not replica.healthy:
+            log.info("replica %s is healthy again; re-admitted", replica.url)
+        replica.healthy, replica.failures, replica.eject_s = True, 0, MIN_EJECT_S
+        try:
+            replica.gauges = parse_engine_gauges(await replica.client.metrics_text())
+        except (UpstreamError, ValueError) as exc:
+            log.warning("could not read queue gauges of %s: %s", replica.url, exc)
+
+    def failed(self, replica: Replica, exc: Exception, *, definitive: bool) -> None:
+        """Count a failure; eject on a definitive one or after enough in a row."""
+        replica.failures += 1
+        if not (definitive or replica.failures >= FAILURES_TO_EJECT):
+            return
+        if replica.healthy:
+            log.warning("replica %s ejected: %s", replica.url, exc)
+        else:  # still failing while ejected: wait longer before the next probe
+            replica.eject_s = min(replica.eject_s * 2, MAX_EJECT_S)
+        replica.healthy = False
+        replica.probe_after = self._clock() + replica.eject_s
+
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _pick(self, tried: set[int]) -> Replica | None:
+        candidates = [r.load() for r in self.replicas if r.healthy and r.index not in tried]
+        return self.replicas[self.policy.pick(candidates).index] if candidates else None
+
+    @asynccontextmanager
+    async def lease(self, op: Callable[[EngineClient], Awaitable[T]]) -> AsyncIterator[T]:
+        """Run `op` on a replica, retrying elsewhere while it is unreachable.
+
+        The replica counts the request in flight until the block exits, so a relayed
+        stream keeps its replica busy for as long as it lasts.
+        """
+        tried: set[int] = set()
+        last: UpstreamError | None = None
+        for attempt in range(self.max_attempts):
+            replica = self._pick(tried)
+            if replica is None:
+                break
+            if attempt:
+                await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2 ** (attempt - 1)))
+            tried.add(replica.index)
+            replica.in_flight += 1
+            try:
+                try:
+                    result = await op(replica.client)
+                except UpstreamUnavailable as exc:
+                    self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
+                    last = exc
+                    continue
+                replica.failures = 0
+                yield result
+                return
+            finally:
+                replica.in_flight -= 1
+        if last is None:
+            raise UpstreamUnavailable("no healthy engine replica; try again shortly")
+        raise last
+
+    async def call(self, op: Callable[[EngineClient], Awaitable[T]]) -> T:
+        async with self.lease(op) as result:
+            return result
+
+    async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
+        return await self.call(lambda client: client.chat(payload))
+
+    async def list_models(self) -> list[ModelCard]:
+        return await self.call(lambda client: client.list_models())
+
+    async def model_name(self) -> str:
+        """The configured model, else the engine's first served model (cached once found)."""
+        if self._model is None:
+            models = await self.list_models()
+            if not models:
+                raise EngineError("the engine serves no models")
+            self._model = models[0].id
+        return self._model
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: bytes, content_type: str) -> AsyncIterator[tuple[EngineClient, aiohttp.ClientResponse]]:
+        """POST `body` to a replica and hold its not-yet-read response open; closed on exit."""
+
+        async def open_(client: EngineClient) -> tuple[EngineClient, aiohttp.ClientResponse]:
+            return client, await client.open_stream(path, body, content_type)
+
+        async with self.lease(open_) as (client, response):
+            try:
+                yield client, response
+            finally:
+                # A fully read answer frees its connection for reuse; anything else closes
+                # it, which is how vLLM learns to abort the request.
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+

@@ -1,0 +1,116 @@
+"""Several replicas behind one gateway: routing, failover, ejection and recovery.
+
+FAKE ENGINES here (faults must be injected); tests/e2e kills a replica next to a real engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scanner_gateway.app import create_app
+from scanner_gateway.config import Settings
+from tests.api.test_scan_api import assert_error
+from tests.fake_engine import FakeEngine, FakeEngineServer, FakeReply, completion
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def answer_as(name: str, delay_s: float = 0.0):
+    def answer(_payload):
+        reply = completion(name)
+        reply.delay_s = delay_s
+        return reply
+    return answer
+
+
+@pytest.fixture
+def servers():
+    started = [FakeEngineServer(FakeEngine(answer=answer_as(f"r{i}"))).start() for i in range(2)]
+    yield started
+    for s in started:
+        s.stop()
+
+
+def gateway(servers, **overrides) -> TestClient:
+    settings = Settings(upstreams=",".join(s.url for s in servers), probe_interval_s=0.2, **overrides)
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+def who(response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def test_round_robin_alternates(servers):
+    with gateway(servers, routing="round_robin") as c:
+        assert Counter(who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(10)) == {"r0": 5, "r1": 5}
+
+
+def test_least_loaded_avoids_the_replica_with_a_queue(servers):
+    servers[0].engine.waiting = 50  # the engine's own vllm:num_requests_waiting
+    with gateway(servers) as c:
+        time.sleep(0.5)  # a probe round reads the gauges
+        assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(6)} == {"r1"}
+        ready = c.get("/ready").json()
+        assert [r["healthy"] for r in ready["replicas"]] == [True, True]
+
+
+def test_a_dead_replica_is_routed_around_and_nothing_fails(servers):
+    for s in servers:
+        s.engine.answer = answer_as(s.url, delay_s=0.05)
+    with gateway(servers) as c, ThreadPoolExecutor(16) as pool:
+        def one(_):
+            return c.post("/v1/chat/completions", json=CHAT).status_code
+
+        first = pool.map(one, range(40))
+        servers[0].stop()  # mid-burst: in-flight requests on it are dropped
+        statuses = list(first) + list(pool.map(one, range(40)))
+        assert Counter(statuses) == {200: 80}
+        assert [r["healthy"] for r in c.get("/ready").json()["replicas"]] == [False, True]
+
+
+def test_a_replica_that_drops_requests_is_retried_elsewhere(servers):
+    servers[0].engine.answer = lambda _: FakeReply(drop=True)
+    with gateway(servers, routing="round_robin") as c:
+        assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(6)} == {"r1"}
+
+
+def test_all_down_is_a_fast_503_and_the_pool_recovers_by_itself(servers):
+    with gateway(servers) as c:
+        ports = [s.port for s in servers]
+        for s in servers:
+            s.stop()
+        c.post("/v1/chat/completions", json=CHAT)  # the first requests find out, and eject
+        c.post("/v1/chat/completions", json=CHAT)
+        started = time.perf_counter()
+        r = c.post("/v1/chat/completions", json=CHAT)
+        elapsed = time.perf_counter() - started
+        assert_error(r, 503, "upstream_unavailable")
+        assert elapsed < 0.1, elapsed
+        assert_error(c.get("/ready"), 503, "upstream_unavailable")
+
+        revived = [FakeEngineServer(FakeEngine(answer=answer_as("back")), port=p).start() for p in ports]
+        servers[:] = revived
+        deadline = time.monotonic() + 10
+        while c.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the pool did not re-admit the replicas"
+            time.sleep(0.1)
+        assert who(c.post("/v1/chat/completions", json=CHAT)) == "back"
+
+
+def test_scan_requests_use_the_pool_too(servers):
+    for s in servers:
+        s.engine.answer = None  # schema-valid samples
+    with gateway(servers, routing="round_robin") as c:
+        from tests.helpers import shelf_jpeg
+        for _ in range(4):
+            r = c.post("/v1/scan", files={"image": ("a.jpg", shelf_jpeg(320, 240))}, data={"task": "storefront"})
+            assert r.status_code == 200, r.text
+    assert [len(s.engine.payloads) for s in servers] == [2, 2]
+    assert json.loads(json.dumps(servers[0].engine.payloads[0]))["response_format"]["type"] == "json_schema"

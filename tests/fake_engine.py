@@ -1,0 +1,139 @@
+"""FAKE ENGINE: a tiny HTTP server that plays vLLM for contract and fault-injection tests.
+
+It speaks real HTTP on a real socket (the gateway's aiohttp client cannot tell it from
+vLLM), so dropped connections, slow answers and 5xx are injected the way they happen.
+The real engine path is covered by tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from scanner_gateway.scan.schema import sample_instance
+
+FAKE_MODEL = "fake-engine-model"
+
+
+@dataclass
+class FakeReply:
+    status: int = 200
+    chunks: tuple[bytes, ...] = ()
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+    delay_s: float = 0.0  # before the status line
+    drop: bool = False  # close the connection instead of answering
+
+    @classmethod
+    def json(cls, status: int, body: Any) -> FakeReply:
+        return cls(status, (json.dumps(body).encode(),))
+
+
+def completion(content: str, finish_reason: str = "stop") -> FakeReply:
+    return FakeReply.json(200, {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": FAKE_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    })
+
+
+def streamed(status: int, *chunks: bytes, content_type: str = "application/json", **headers: str) -> FakeReply:
+    """A body sent in several writes, like a real engine's streamed answer."""
+    return FakeReply(status, chunks, {"content-type": content_type, **headers})
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class FakeEngine:
+    """Answers chat completions with `answer(payload)` (default: a schema-valid sample)."""
+
+    answer: Callable[[dict[str, Any]], FakeReply] | None = None
+    url: str = ""  # set by the server that serves it
+    healthy: bool = True
+    waiting: int = 0  # reported as vllm:num_requests_waiting
+    payloads: list[dict[str, Any]] = field(default_factory=list)
+    received: list[Received] = field(default_factory=list)
+
+    def reply(self, path: str, body: bytes) -> FakeReply:
+        if path == "/health":
+            return FakeReply(200 if self.healthy else 503)
+        if path == "/metrics":
+            text = (f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {self.waiting}\n"
+                    "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0\n")
+            return FakeReply(200, (text.encode(),), {"content-type": "text/plain"})
+        if path == "/v1/models":
+            return FakeReply.json(200, {"object": "list", "data": [{"id": FAKE_MODEL, "object": "model"}]})
+        payload = json.loads(body)
+        self.payloads.append(payload)
+        if self.answer is not None:
+            return self.answer(payload)
+        schema = payload["response_format"]["json_schema"]["schema"]
+        return completion(json.dumps(sample_instance(schema)))
+
+
+class FakeEngineServer:
+    """Serves whichever FakeEngine is in `.engine`, from a background thread."""
+
+    def __init__(self, engine: FakeEngine | None = None, port: int = 0) -> None:
+        self.engine = engine or FakeEngine()
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.engine.received.append(Received(request.path, dict(request.headers), body))
+        reply = self.engine.reply(request.path, body)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError  # nothing more to say on a dead connection
+        response = web.StreamResponse(status=reply.status, headers=reply.headers)
+        await response.prepare(request)
+        for chunk in reply.chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0.001)  # separate writes, as a streaming engine does
+        await response.write_eof()
+        return response
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # stop() acts as a crash: no grace period, in-flight requests are cut.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.port = port
+        self.url = self.engine.url = f"http://{host}:{port}"
+
+    def start(self) -> FakeEngineServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop.is_closed():
+            return
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
