@@ -8,16 +8,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from scanner_gateway import __version__
+from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import openai, ops, scan
 from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
+from scanner_gateway.scan.idempotency import IdempotencyCache
 from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.client import EngineClient, build_session
-from scanner_gateway.upstream.passthrough import ChatPassthrough
+from scanner_gateway.upstream.passthrough import ChatPassthrough, ChatRelay
 from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.routing import build_policy
 
@@ -60,14 +62,28 @@ def create_app(settings: Settings) -> FastAPI:
             max_pixels=settings.max_image_pixels,
             quality=settings.jpeg_quality,
         )
+        admission = AdmissionController(
+            max_in_flight=settings.max_in_flight_per_replica * len(upstream_urls),
+            queue_limit=settings.queue_limit,
+            max_wait_s=settings.max_queue_wait_s,
+        )
+        app.state.settings = settings
         app.state.registry = registry
         app.state.pool = pool
+        app.state.admission = admission
+        app.state.chat_relay = ChatRelay(
+            pool, admission, settings.chat_priority, settings.engine_priorities
+        )
         app.state.scan_service = ScanService(
             registry,
             normalizer,
             pool,
+            admission,
             default_locale=settings.default_locale,
             raw_output_chars=settings.raw_output_in_errors,
+            engine_priorities=settings.engine_priorities,
+            request_timeout_s=settings.request_timeout_s,
+            idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
         )
         try:
             yield

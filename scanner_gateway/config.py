@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, HttpUrl
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scanner_gateway.admission import PriorityClass
 from scanner_gateway.upstream.routing import PolicyName
 
 # Generation on a busy engine takes minutes; HTTP clients' defaults (5 s) are far too short.
@@ -52,6 +53,28 @@ class Settings(BaseSettings):
     engine_connect_timeout_s: float = Field(DEFAULT_ENGINE_CONNECT_TIMEOUT_S, gt=0)
     engine_read_timeout_s: float = Field(DEFAULT_ENGINE_READ_TIMEOUT_S, gt=0)
     engine_max_connections: int = Field(512, ge=1)
+
+    max_in_flight_per_replica: int = Field(
+        32, ge=1, description="Requests the gateway lets run at once, per configured replica."
+    )
+    queue_limit: int = Field(256, ge=0, description="Requests allowed to wait for a slot; more get 429.")
+    max_queue_wait_s: float = Field(
+        10.0, ge=0, description="Longest wait for a slot; a request expected to wait longer gets 429 at once."
+    )
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of a whole scan (504 after).")
+    scan_priority: PriorityClass = Field(
+        "interactive", description="Class of /v1/scan and scan/<task> requests without an X-Priority header."
+    )
+    chat_priority: PriorityClass = Field(
+        "batch", description="Class of relayed chat requests without an X-Priority header."
+    )
+    engine_priorities: dict[PriorityClass, int] | None = Field(
+        default_factory=lambda: {"interactive": 0, "batch": 10},
+        description="vLLM `priority` sent per class (lower runs first; needs `vllm serve "
+        "--scheduling-policy priority`); null sends none.",
+    )
+    idempotency_ttl_s: float = Field(600.0, gt=0, description="How long an Idempotency-Key's result is kept.")
+    idempotency_max_keys: int = Field(10_000, ge=1, description="Idempotency keys kept at most (oldest dropped).")
 
     prompts_dir: Path = Field(default_factory=default_prompts_dir)
     default_locale: Literal["zh", "en"] = Field(

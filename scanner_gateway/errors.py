@@ -94,6 +94,11 @@ class InvalidImage(ClientError):
     code = "invalid_image"
 
 
+class IdempotencyKeyReused(ClientError):
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class Overloaded(ClientError):
     status = 429
     code = "overloaded"

@@ -6,6 +6,7 @@ never appear in logs or error messages.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Sequence
 
@@ -22,6 +23,11 @@ def key_matches(presented: str, keys: Sequence[str]) -> bool:
     for key in keys:  # no early exit: timing does not tell which key, or how many
         matched |= hmac.compare_digest(presented_b, key.encode())
     return matched
+
+
+def client_scope(authorization: str | None) -> str:
+    """A short, non-reversible tag of the caller's credentials (for per-client caches)."""
+    return hashlib.sha256((authorization or "").encode()).hexdigest()[:16]
 
 
 class ApiKeyAuth:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from scanner_gateway.config import Settings
 from scanner_gateway.protocol import ErrorResponse
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
@@ -27,9 +28,14 @@ async def get_pool(request: Request) -> ReplicaPool:
     return request.app.state.pool
 
 
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
 ScanServiceDep = Annotated[ScanService, Depends(get_scan_service)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 PoolDep = Annotated[ReplicaPool, Depends(get_pool)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:

@@ -12,7 +12,14 @@ import json
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from scanner_gateway.api.deps import PoolDep, RegistryDep, ScanServiceDep, error_responses
+from scanner_gateway.admission import PRIORITY_HEADER, parse_priority
+from scanner_gateway.api.deps import (
+    PoolDep,
+    RegistryDep,
+    ScanServiceDep,
+    SettingsDep,
+    error_responses,
+)
 from scanner_gateway.protocol import ModelCard, ModelList
 from scanner_gateway.scan import chat_adapter
 from scanner_gateway.upstream.passthrough import CHAT_PATH, PassthroughResponse
@@ -32,7 +39,7 @@ async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
 
 
 @router.post(CHAT_PATH, responses=error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
-async def chat_completions(request: Request, pool: PoolDep, service: ScanServiceDep) -> Response:
+async def chat_completions(request: Request, service: ScanServiceDep, settings: SettingsDep) -> Response:
     """Forwarded to vLLM untouched; `scan/<task>` models run that scan task instead."""
     body = await request.body()
     try:
@@ -42,8 +49,9 @@ async def chat_completions(request: Request, pool: PoolDep, service: ScanService
     model = fields.get("model") if isinstance(fields, dict) else None
     task = chat_adapter.scan_task_name(model) if isinstance(model, str) else None
     if task is None:  # not ours to judge: the engine answers, errors included
-        return PassthroughResponse(pool, CHAT_PATH, body, request.headers.get("content-type", ""))
-    result = await chat_adapter.scan_as_chat(service, task, fields)
+        return PassthroughResponse(request.app.state.chat_relay, body, request.headers)
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
+    result = await chat_adapter.scan_as_chat(service, task, fields, priority)
     if fields.get("stream"):
         return StreamingResponse(
             chat_adapter.chat_completion_chunks(result), media_type="text/event-stream"

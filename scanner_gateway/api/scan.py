@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, error_responses
+from scanner_gateway.admission import parse_priority
+from scanner_gateway.api.auth import client_scope
+from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, SettingsDep, error_responses
 from scanner_gateway.errors import (
     ImageTooLarge,
     InvalidRequest,
     UnsupportedMedia,
     invalid_request_from,
 )
+from scanner_gateway.scan.idempotency import check_key
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.tasks import Locale, parse_locale
 
@@ -93,8 +96,18 @@ async def _from_json(request: Request) -> tuple[str, list[str], Locale | None]:
         }
     },
 )
-async def scan(request: Request, service: ScanServiceDep) -> ScanResult:
+async def scan(
+    request: Request,
+    service: ScanServiceDep,
+    settings: SettingsDep,
+    x_priority: Annotated[str | None, Header(description="interactive (default) or batch.")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(description="Repeat a request with the same key to get its first result.")
+    ] = None,
+) -> ScanResult:
     """Scan one or more photos with a retail task; returns the typed result."""
+    priority = parse_priority(x_priority, settings.scan_priority)
+    key = check_key(idempotency_key) if idempotency_key is not None else None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         task, images, locale = await _from_form(request, service.normalizer.max_bytes)
@@ -106,7 +119,9 @@ async def scan(request: Request, service: ScanServiceDep) -> ScanResult:
             "use multipart/form-data or application/json",
             param="content-type",
         )
-    return await service.run(task, images, locale)
+    if key is not None:  # keys are per client: two stores may pick the same one
+        key = f"{client_scope(request.headers.get('authorization'))}:{key}"
+    return await service.run(task, images, locale, priority=priority, idempotency_key=key)
 
 
 @router.get("/v1/tasks", responses=error_responses(401))

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from scanner_gateway.admission import PriorityClass
 from scanner_gateway.errors import InvalidRequest
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.service import ScanService
@@ -46,14 +47,16 @@ def images_from_messages(messages: Any) -> list[str]:
     return images
 
 
-async def scan_as_chat(service: ScanService, task: str, request: dict[str, Any]) -> ScanResult:
+async def scan_as_chat(
+    service: ScanService, task: str, request: dict[str, Any], priority: PriorityClass
+) -> ScanResult:
     images = images_from_messages(request.get("messages"))
     if not images:
         raise InvalidRequest(
             f"model scan/{task} needs at least one image_url part in a user message",
             param="messages",
         )
-    return await service.run(task, images, parse_locale(request.get("locale")))
+    return await service.run(task, images, parse_locale(request.get("locale")), priority=priority)
 
 
 def chat_completion(result: ScanResult) -> dict[str, Any]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
-from scanner_gateway.errors import InvalidRequest, ModelOutputInvalid
+from scanner_gateway.admission import AdmissionController, PriorityClass
+from scanner_gateway.errors import InvalidRequest, ModelOutputInvalid, UpstreamTimeout
 from scanner_gateway.protocol import ChatCompletion
+from scanner_gateway.scan.idempotency import IdempotencyCache, request_fingerprint
 from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
 from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_output
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
@@ -57,15 +59,24 @@ class ScanService:
         registry: TaskRegistry,
         normalizer: ImageNormalizer,
         engine: ReplicaPool,
+        admission: AdmissionController,
         *,
         default_locale: Locale = "zh",
         raw_output_chars: int = 500,
+        engine_priorities: Mapping[PriorityClass, int] | None = None,
+        request_timeout_s: float = 300.0,
+        idempotency: IdempotencyCache | None = None,
     ) -> None:
         self.registry = registry
         self.normalizer = normalizer
         self.engine = engine
+        self.admission = admission
         self.default_locale = default_locale
         self.raw_output_chars = raw_output_chars
+        # None: the engine runs without --scheduling-policy priority; send no priority.
+        self.engine_priorities = engine_priorities
+        self.request_timeout_s = request_timeout_s
+        self.idempotency = idempotency or IdempotencyCache()
 
     async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
         if not images:
@@ -88,7 +99,7 @@ class ScanService:
         return results  # type: ignore[return-value]
 
     async def _answer(
-        self, task: Task, model: str, images: Sequence[NormalizedImage], locale: Locale
+        self, task: Task, model: str, images: Sequence[NormalizedImage], locale: Locale, priority: int | None
     ) -> tuple[BaseModel | dict[str, Any], ScanUsage, list[str], str]:
         """Ask the engine; retry once, with more tokens, on a cut or invalid answer."""
         messages = build_messages(task, images, locale)
@@ -98,6 +109,8 @@ class ScanService:
         max_tokens = task.spec.sampling.max_tokens
         for attempt in (1, 2):
             payload = build_payload(task, model, messages, len(images), max_tokens)
+            if priority is not None:
+                payload["priority"] = priority
             completion = await self.engine.chat(payload)
             _add_usage(usage, completion)
             choice = completion.choices[0] if completion.choices else None
@@ -120,17 +133,54 @@ class ScanService:
         raise AssertionError("unreachable")
 
     async def run(
-        self, task_name: str, images: Sequence[bytes | str], locale: Locale | None = None
+        self,
+        task_name: str,
+        images: Sequence[bytes | str],
+        locale: Locale | None = None,
+        *,
+        priority: PriorityClass = "interactive",
+        idempotency_key: str | None = None,
     ) -> ScanResult:
-        started = time.perf_counter()
+        """Scan `images` with a task. Admission (429), then the deadline (504), bound it.
+
+        With an `idempotency_key`, a repeat of the same request within the cache's TTL
+        gets the first result (or joins it while it runs) instead of scanning again.
+        """
         task = self.registry.get(task_name)
         locale = locale or self.default_locale
+        if idempotency_key is None:
+            return await self._admitted(task, images, locale, priority)
+        fingerprint = request_fingerprint(task.name, locale, images)
+        return await self.idempotency.run(
+            idempotency_key, fingerprint, lambda: self._admitted(task, images, locale, priority)
+        )
+
+    async def _admitted(
+        self, task: Task, images: Sequence[bytes | str], locale: Locale, priority: PriorityClass
+    ) -> ScanResult:
+        deadline = time.monotonic() + self.request_timeout_s
+        async with self.admission.slot(priority, deadline):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._scan(task, images, locale, priority)
+            except TimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"scan did not finish within the {self.request_timeout_s:g} s request deadline"
+                ) from exc
+
+    async def _scan(
+        self, task: Task, images: Sequence[bytes | str], locale: Locale, priority: PriorityClass
+    ) -> ScanResult:
+        started = time.perf_counter()
         normalized = await self._normalize_all(task, images)
         preprocess_ms = (time.perf_counter() - started) * 1000
 
         model = await self.engine.model_name()
         engine_started = time.perf_counter()
-        result, usage, warnings, served_model = await self._answer(task, model, normalized, locale)
+        engine_priority = self.engine_priorities[priority] if self.engine_priorities else None
+        result, usage, warnings, served_model = await self._answer(
+            task, model, normalized, locale, engine_priority
+        )
         engine_ms = (time.perf_counter() - engine_started) * 1000
         return ScanResult(
             id=f"scan-{uuid.uuid4().hex}",

@@ -13,17 +13,25 @@ FastAPI route, which runs the scan (or, if the mention was elsewhere, relays aft
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scanner_gateway.admission import (
+    PRIORITY_HEADER,
+    AdmissionController,
+    PriorityClass,
+    parse_priority,
+)
 from scanner_gateway.errors import GatewayError, error_response
 from scanner_gateway.upstream.pool import ReplicaPool
 
 CHAT_PATH = "/v1/chat/completions"
 # Hop-by-hop headers are the proxy's business, not the engine's.
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
+_PRIORITY_HEADER = PRIORITY_HEADER.encode()
 # How a scan model's name can start in JSON (PHP escapes "/" by default).
 _SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
 
@@ -42,13 +50,56 @@ def may_name_scan_model(body: bytes) -> bool:
     return False
 
 
+def with_priority(body: bytes, priority: int) -> bytes:
+    """`body` with `"priority": N` as its first member, no parse.
+
+    JSON parsers (vLLM's included) keep the last of duplicate keys, so a client's own
+    `priority` later in the body still wins. Bodies that are not objects pass unchanged.
+    """
+    stripped = body.lstrip()
+    if not stripped.startswith(b"{"):
+        return body
+    rest = stripped[1:]
+    separator = b"" if rest.lstrip().startswith(b"}") else b","
+    return b'{"priority":%d%s%s' % (priority, separator, rest)
+
+
+class ChatRelay:
+    """Relays chat requests to the pool, under admission control and priorities."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        admission: AdmissionController,
+        default_priority: PriorityClass,
+        engine_priorities: Mapping[PriorityClass, int] | None,
+    ) -> None:
+        self.pool = pool
+        self.admission = admission
+        self.default_priority = default_priority
+        self.engine_priorities = engine_priorities
+
+    async def __call__(
+        self, body: bytes, content_type: str, priority_header: str | None, receive: Receive, send: Send
+    ) -> None:
+        try:
+            klass = parse_priority(priority_header, self.default_priority)
+            async with self.admission.slot(klass):
+                if self.engine_priorities is not None:
+                    body = with_priority(body, self.engine_priorities[klass])
+                await relay(self.pool, CHAT_PATH, body, content_type, receive, send)
+        except GatewayError as err:  # refused before anything was sent
+            await error_response(err)(_http_scope(), receive, send)
+
+
 async def relay(
     pool: ReplicaPool, path: str, body: bytes, content_type: str, receive: Receive, send: Send
 ) -> None:
     """Forward `body` to a replica and relay its answer to the ASGI `send`.
 
     A client that goes away cancels the relay; leaving `pool.stream` then closes the
-    engine connection, which is how vLLM learns to abort the request.
+    engine connection, which is how vLLM learns to abort the request. Errors before the
+    answer started are raised (GatewayError); after that the response just ends early.
     """
     relay_task = asyncio.current_task()
     assert relay_task is not None
@@ -77,12 +128,10 @@ async def relay(
             raise
         relay_task.uncancel()  # we cancelled ourselves on purpose: the client left
         return
-    except GatewayError as err:
-        if started:  # mid-body: all we can do is end the response early
-            return
-        watcher.cancel()
-        await error_response(err)(_http_scope(), receive, send)
-        return
+    except GatewayError:
+        if not started:
+            raise
+        return  # mid-body: all we can do is end the response early
     finally:
         watcher.cancel()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -96,13 +145,14 @@ def _http_scope() -> Scope:
 class PassthroughResponse(Response):
     """A response that relays a request to the engine (for use from a route)."""
 
-    def __init__(self, pool: ReplicaPool, path: str, body: bytes, content_type: str) -> None:
+    def __init__(self, chat_relay: ChatRelay, body: bytes, headers: Headers) -> None:
         # Starlette's Response.__init__ would render a body; this one relays instead.
-        self.args = (pool, path, body, content_type)
+        self.args = (chat_relay, body, headers.get("content-type", ""), headers.get(PRIORITY_HEADER))
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await relay(*self.args, receive, send)
+        chat_relay, body, content_type, priority = self.args
+        await chat_relay(body, content_type, priority, receive, send)
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -151,8 +201,10 @@ class ChatPassthrough:
         if may_name_scan_model(body):
             await self.app(scope, replay(body, receive), send)
             return
-        content_type = ""
+        content_type, priority = "", None
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value.decode("latin-1")
-        await relay(scope["app"].state.pool, CHAT_PATH, body, content_type, receive, send)
+            elif name == _PRIORITY_HEADER:
+                priority = value.decode("latin-1")
+        await scope["app"].state.chat_relay(body, content_type, priority, receive, send)

@@ -23,12 +23,30 @@ def test_passthrough_forwards_the_body_byte_for_byte(settings, fake_engine):
     fake_engine.answer = lambda _: streamed(200, b'{"id": "x",', b' "object": "chat.completion"}', **{"x-engine": "1"})
     body = (b'{"model": "m",  "messages": [{"role": "user", "content": "hi"}], '
             b'"structured_outputs": {"json": {"type": "object"}}, "priority": -3, "mm_processor_kwargs": {"a": 1}}')
-    with TestClient(create_app(settings.model_copy(update={"upstream_api_key": "engine-secret"}))) as c:
+    update = {"upstream_api_key": "engine-secret", "engine_priorities": None}  # nothing added
+    with TestClient(create_app(settings.model_copy(update=update))) as c:
         r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["id"] == "x" and r.headers["x-engine"] == "1"
     sent = fake_engine.received[-1]
     assert sent.path == "/v1/chat/completions" and sent.body == body
     assert sent.headers["Authorization"] == "Bearer engine-secret"
+
+
+@pytest.mark.parametrize(("request_body", "header", "engine_priority"), [
+    ({"model": "m", "messages": []}, None, 10),  # relayed chat defaults to batch
+    ({"model": "m", "messages": []}, "interactive", 0),
+    ({"model": "m", "messages": [], "priority": -3}, "interactive", -3),  # the client's own wins
+])
+def test_priority_class_reaches_the_engine(client, fake_engine, request_body, header, engine_priority):
+    fake_engine.answer = lambda _: FakeReply.json(200, {"id": "x"})
+    headers = {"X-Priority": header} if header else {}
+    assert client.post("/v1/chat/completions", json=request_body, headers=headers).status_code == 200
+    assert json.loads(fake_engine.received[-1].body)["priority"] == engine_priority
+
+
+def test_bad_priority_header_is_400(client):
+    r = client.post("/v1/chat/completions", json={"model": "m"}, headers={"X-Priority": "urgent"})
+    assert assert_error(r, 400, "invalid_request")["param"] == "X-Priority"
 
 
 def test_passthrough_relays_sse_chunks_as_they_come(client, fake_engine):
@@ -53,11 +71,12 @@ def test_engine_down_is_503_in_our_shape():
 
 
 @pytest.mark.parametrize("body", [b"{", b"[]", b'{"messages": []}', b'{"model": "scan/', b'["scan/x"]'])
-def test_bodies_that_are_not_scan_requests_are_the_engines_to_judge(client, fake_engine, body):
+def test_bodies_that_are_not_scan_requests_are_the_engines_to_judge(settings, fake_engine, body):
     # vLLM validates its own requests; the gateway relays its verdict untouched.
     verdict = {"error": {"message": "bad request", "type": "BadRequestError", "param": None, "code": 400}}
     fake_engine.reply = lambda path, raw: FakeReply.json(400, verdict)  # the body may not even parse
-    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    with TestClient(create_app(settings.model_copy(update={"engine_priorities": None}))) as c:
+        r = c.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json() == verdict
     assert fake_engine.received[-1].body == body
 

@@ -74,3 +74,23 @@ def test_scan_model_precheck(body, maybe):
     from scanner_gateway.upstream.passthrough import may_name_scan_model
 
     assert may_name_scan_model(body) is maybe
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"model": "m"}', {"priority": 7, "model": "m"}),
+    (b'  {"model": "m", "priority": 1}', {"priority": 1, "model": "m"}),  # last duplicate wins
+    (b"{}", {"priority": 7}),
+    (b"{ }", {"priority": 7}),
+])
+def test_with_priority_prepends_a_member(body, expected):
+    import json
+
+    from scanner_gateway.upstream.passthrough import with_priority
+
+    assert json.loads(with_priority(body, 7)) == expected
+
+
+def test_with_priority_leaves_non_objects_alone():
+    from scanner_gateway.upstream.passthrough import with_priority
+
+    assert with_priority(b"[1]", 7) == b"[1]" and with_priority(b"", 7) == b""

@@ -1,0 +1,140 @@
+"""Admission control: bounded concurrency, a bounded priority queue, and fast 429s.
+
+At most `max_in_flight` requests run; up to `queue_limit` more wait, `interactive` ones
+ahead of `batch` ones (first come, first served within a class). A request is refused
+at once with 429 and a `Retry-After` when the queue is full or its expected wait is
+longer than it may wait (`max_wait_s`, or its own deadline); one that waited that long
+anyway is refused then. So overload never piles up and never becomes a 5xx.
+
+The expected wait is the queue ahead of the request times the recent average time a
+request holds its slot (an exponential moving average), divided by `max_in_flight`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from scanner_gateway.errors import InvalidRequest, Overloaded
+
+PriorityClass = Literal["interactive", "batch"]
+PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # first runs first
+PRIORITY_HEADER = "x-priority"
+EWMA_WEIGHT = 0.1  # each finished request moves the average hold time by 10%
+
+
+def parse_priority(value: str | None, default: PriorityClass) -> PriorityClass:
+    if value is None or not value.strip():
+        return default
+    value = value.strip().lower()
+    if value not in PRIORITY_CLASSES:
+        raise InvalidRequest(
+            f"X-Priority must be one of {', '.join(PRIORITY_CLASSES)}; got {value!r}", param="X-Priority"
+        )
+    return value  # type: ignore[return-value]
+
+
+@dataclass(order=True)
+class _Waiter:
+    rank: int
+    seq: int
+    future: asyncio.Future[None] = field(compare=False)
+
+
+@dataclass
+class AdmissionStats:
+    admitted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITY_CLASSES, 0))
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PRIORITY_CLASSES, 0))
+
+
+class AdmissionController:
+    def __init__(
+        self,
+        max_in_flight: int,
+        queue_limit: int,
+        max_wait_s: float,
+        *,
+        initial_hold_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_in_flight = max_in_flight
+        self.queue_limit = queue_limit
+        self.max_wait_s = max_wait_s
+        self.in_flight = 0
+        self.avg_hold_s = initial_hold_s
+        self.stats = AdmissionStats()
+        self._queue: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._clock = clock
+
+    def queued(self, klass: PriorityClass | None = None) -> int:
+        if klass is None:
+            return len(self._queue)
+        rank = PRIORITY_CLASSES.index(klass)
+        return sum(1 for w in self._queue if w.rank == rank and not w.future.done())
+
+    def _expected_wait_s(self, ahead: int) -> float:
+        return (ahead + 1) * self.avg_hold_s / self.max_in_flight
+
+    def _refuse(self, klass: PriorityClass, why: str, expected_s: float) -> Overloaded:
+        self.stats.rejected[klass] += 1
+        retry_after = max(1, math.ceil(expected_s))
+        return Overloaded(f"gateway overloaded ({why}); retry in {retry_after} s", retry_after_s=retry_after)
+
+    @asynccontextmanager
+    async def slot(self, klass: PriorityClass, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold one of the `max_in_flight` slots for the duration of the block."""
+        rank = PRIORITY_CLASSES.index(klass)
+        if self.in_flight < self.max_in_flight and not self._queue:
+            self.in_flight += 1
+        else:
+            await self._wait(klass, rank, deadline)
+        self.stats.admitted[klass] += 1
+        started = self._clock()
+        try:
+            yield
+        finally:
+            held = self._clock() - started
+            self.avg_hold_s += EWMA_WEIGHT * (held - self.avg_hold_s)
+            self._release()
+
+    async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
+        ahead = sum(1 for w in self._queue if w.rank <= rank)
+        expected = self._expected_wait_s(ahead)
+        may_wait = self.max_wait_s
+        if deadline is not None:
+            may_wait = min(may_wait, deadline - self._clock())
+        if len(self._queue) >= self.queue_limit:
+            raise self._refuse(klass, f"{len(self._queue)} requests already queued", expected)
+        if expected > may_wait:
+            raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
+        waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
+        heapq.heappush(self._queue, waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(may_wait, 0))
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self._release()  # the slot arrived just as we gave up: pass it on
+            else:
+                waiter.future.cancel()
+                self._queue.remove(waiter)
+                heapq.heapify(self._queue)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._refuse(klass, f"waited {may_wait:.1f} s for a free slot", self.avg_hold_s) from None
+
+    def _release(self) -> None:
+        """Give the slot to the best waiter, or free it."""
+        while self._queue:
+            waiter = heapq.heappop(self._queue)
+            if not waiter.future.done():
+                waiter.future.set_result(None)  # in_flight stays: the slot changes hands
+                return
+        self.in_flight -= 1

@@ -1,0 +1,109 @@
+"""Admission control, priorities and idempotency, against a FAKE ENGINE (slow on purpose)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi.testclient import TestClient
+
+from scanner_gateway.app import create_app
+from tests.api.test_scan_api import PHOTO, assert_error
+from tests.fake_engine import FakeReply, completion
+
+
+def slow(delay_s: float):
+    def answer(payload):
+        if "response_format" in payload:  # a scan: answer with a schema-valid sample
+            from scanner_gateway.scan.schema import sample_instance
+            reply = completion(json.dumps(sample_instance(payload["response_format"]["json_schema"]["schema"])))
+        else:
+            reply = completion(payload["messages"][0]["content"])
+        reply.delay_s = delay_s
+        return reply
+    return answer
+
+
+def chat(text: str) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": text}]}
+
+
+def test_overload_gives_only_200_and_fast_429_with_retry_after(settings, fake_engine):
+    fake_engine.answer = slow(0.3)
+    tight = settings.model_copy(update={"max_in_flight_per_replica": 2, "queue_limit": 2})
+    with TestClient(create_app(tight)) as c, ThreadPoolExecutor(24) as pool:
+        def one(i):
+            started = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=chat(str(i)))
+            return r, time.perf_counter() - started
+
+        results = list(pool.map(one, range(24)))
+    statuses = Counter(r.status_code for r, _ in results)
+    assert set(statuses) == {200, 429} and statuses[200] >= 4, statuses
+    for r, elapsed in results:
+        if r.status_code == 429:
+            assert_error(r, 429, "overloaded")
+            assert int(r.headers["retry-after"]) >= 1
+            assert elapsed < 0.25  # refused at once, not after waiting for the engine
+
+
+def test_scans_are_admitted_too(settings, fake_engine):
+    fake_engine.answer = slow(0.3)
+    tight = settings.model_copy(update={"max_in_flight_per_replica": 1, "queue_limit": 0})
+    with TestClient(create_app(tight)) as c, ThreadPoolExecutor(4) as pool:
+        statuses = Counter(pool.map(
+            lambda _: c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}).status_code,
+            range(4)))
+    assert statuses[200] >= 1 and statuses[429] >= 1 and set(statuses) == {200, 429}
+
+
+def test_interactive_overtakes_queued_batch(settings, fake_engine):
+    fake_engine.answer = slow(0.5)  # "first" runs while the others arrive
+    one_at_a_time = settings.model_copy(update={"max_in_flight_per_replica": 1})
+    with TestClient(create_app(one_at_a_time)) as c:
+        threads = []
+
+        def send(text, klass):
+            t = threading.Thread(target=c.post, args=("/v1/chat/completions",),
+                                 kwargs={"json": chat(text), "headers": {"X-Priority": klass}})
+            t.start()
+            threads.append(t)
+            time.sleep(0.05)  # a fixed arrival order
+
+        send("first", "batch")  # runs at once
+        for i in range(3):
+            send(f"batch-{i}", "batch")  # queue behind it
+        send("urgent", "interactive")
+        for t in threads:
+            t.join()
+    order = [json.loads(r.body)["messages"][0]["content"] for r in fake_engine.received if r.path.startswith("/v1/chat")]
+    assert order == ["first", "urgent", "batch-0", "batch-1", "batch-2"]
+    assert [json.loads(r.body)["priority"] for r in fake_engine.received if r.path.startswith("/v1/chat")][:2] == [10, 0]
+
+
+def test_repeated_idempotency_key_scans_once(client, fake_engine):
+    fake_engine.answer = slow(0.3)
+    form = {"files": {"image": ("a.jpg", PHOTO)}, "data": {"task": "storefront"}}
+    with ThreadPoolExecutor(3) as pool:  # two arrive while the first runs: they join it
+        results = list(pool.map(lambda _: client.post("/v1/scan", headers={"Idempotency-Key": "k-1"}, **form), range(3)))
+    later = client.post("/v1/scan", headers={"Idempotency-Key": "k-1"}, **form)  # after it finished
+    ids = {r.json()["id"] for r in [*results, later]}
+    assert len(ids) == 1 and all(r.status_code == 200 for r in [*results, later])
+    assert len(fake_engine.payloads) == 1
+
+    other_photo = {"files": {"image": ("b.jpg", PHOTO[:-10] + b"\xff\xd9")}, "data": {"task": "storefront"}}
+    reused = client.post("/v1/scan", headers={"Idempotency-Key": "k-1"}, **other_photo)
+    assert_error(reused, 422, "idempotency_key_reused")
+    assert client.post("/v1/scan", headers={"Idempotency-Key": "k-2"}, **form).json()["id"] not in ids
+    assert_error(client.post("/v1/scan", headers={"Idempotency-Key": "x" * 300}, **form), 400, "invalid_request")
+
+
+def test_failed_idempotent_scan_is_not_kept(client, fake_engine):
+    fake_engine.answer = lambda _: FakeReply(500, (b"boom",))
+    form = {"files": {"image": ("a.jpg", PHOTO)}, "data": {"task": "storefront"}}
+    assert client.post("/v1/scan", headers={"Idempotency-Key": "k"}, **form).status_code == 502
+    fake_engine.answer = slow(0)
+    assert client.post("/v1/scan", headers={"Idempotency-Key": "k"}, **form).status_code == 200

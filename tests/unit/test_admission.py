@@ -1,0 +1,66 @@
+import asyncio
+
+import pytest
+
+from scanner_gateway.admission import AdmissionController, parse_priority
+from scanner_gateway.errors import InvalidRequest, Overloaded
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_parse_priority():
+    assert parse_priority(None, "batch") == "batch"
+    assert parse_priority(" Interactive ", "batch") == "interactive"
+    with pytest.raises(InvalidRequest):
+        parse_priority("urgent", "batch")
+
+
+def test_refuses_at_once_when_the_expected_wait_passes_the_deadline():
+    async def main():
+        gate = AdmissionController(1, 10, max_wait_s=60, initial_hold_s=5.0)
+        loop = asyncio.get_running_loop()
+        async with gate.slot("interactive"):
+            with pytest.raises(Overloaded) as exc:
+                async with gate.slot("interactive", deadline=loop.time() + 1.0):
+                    pass
+        assert exc.value.headers["Retry-After"] == "5"
+        assert gate.stats.rejected["interactive"] == 1 and gate.in_flight == 0
+
+    run(main())
+
+
+def test_a_waiter_that_times_out_leaves_the_queue_and_the_slot_moves_on():
+    async def main():
+        gate = AdmissionController(1, 10, max_wait_s=0.05, initial_hold_s=0.01)
+        order = []
+
+        async def user(name, hold):
+            try:
+                async with gate.slot("batch"):
+                    order.append(name)
+                    await asyncio.sleep(hold)
+            except Overloaded:
+                order.append(f"{name}:429")
+
+        await asyncio.gather(user("a", 0.2), user("b", 0), user("c", 0))
+        assert order == ["a", "b:429", "c:429"]
+        assert gate.in_flight == 0 and gate.queued() == 0
+        async with gate.slot("batch"):  # the gate still works
+            assert gate.in_flight == 1
+
+    run(main())
+
+
+def test_cancelled_waiter_does_not_leak_its_slot():
+    async def main():
+        gate = AdmissionController(1, 10, max_wait_s=5)
+        async with gate.slot("batch"):
+            waiter = asyncio.create_task(gate.slot("batch").__aenter__())
+            await asyncio.sleep(0.01)
+            waiter.cancel()
+            await asyncio.sleep(0.01)
+        assert gate.in_flight == 0 and gate.queued() == 0
+
+    run(main())
