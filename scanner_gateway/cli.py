@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-import uvicorn
 from rich.console import Console
 
 from scanner_gateway.config import Settings
@@ -21,6 +20,7 @@ from scanner_gateway.engine.launcher import (
     ManagedEngine,
 )
 from scanner_gateway.scan.tasks import TaskConfigError, TaskRegistry
+from scanner_gateway.serving import run_gateway
 
 app = typer.Typer(help="Retail-vision scan gateway in front of vLLM.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -43,22 +43,8 @@ def _load_registry(settings: Settings) -> TaskRegistry:
 
 
 def _run_gateway(settings: Settings, workers: int = 1) -> None:
-    from scanner_gateway.app import create_app
-
     _load_registry(settings)  # fail with a clear message before uvicorn starts
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
-    )
-    if workers == 1:
-        uvicorn.run(create_app(settings), **common)
-        return
-    # Worker processes build their own app from the environment: hand them our settings.
-    os.environ.update(settings.as_env())
-    uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers, **common)
+    run_gateway(settings, workers)
 
 
 def ensure_dev_model(directory: Path) -> Path:

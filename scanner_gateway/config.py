@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         "", description="Comma-separated client keys; empty (and no keys file) = auth off."
     )
     api_keys_file: Path | None = Field(None, description="File with one client key per line.")
+    drain_s: float = Field(
+        5.0, ge=0, description="On SIGTERM, report not-ready this long (still serving) before stopping."
+    )
+    graceful_timeout_s: float = Field(30.0, ge=0, description="Then wait this long for in-flight requests.")
     access_log: bool = Field(True, description="One log line per request (uvicorn's access log).")
     raw_output_in_errors: int = Field(
         500, ge=0, description="Characters of the model's raw text kept in 502 errors."

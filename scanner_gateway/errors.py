@@ -131,6 +131,12 @@ class EngineUnreachable(UpstreamUnavailable):
     """No connection to the engine could be made: it is down, not just busy."""
 
 
+class Draining(GatewayError):
+    status = 503
+    code = "draining"
+    type = "server_error"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"

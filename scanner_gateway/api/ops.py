@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from scanner_gateway.api.deps import PoolDep, RegistryDep, error_responses
-from scanner_gateway.errors import UpstreamUnavailable, error_response
+from scanner_gateway.errors import Draining, UpstreamUnavailable, error_response
 
 router = APIRouter(tags=["ops"])
 
@@ -18,8 +18,11 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", responses=error_responses(503))
-async def ready(registry: RegistryDep, pool: PoolDep) -> JSONResponse:
-    """Ready when the tasks are loaded and at least one engine replica is healthy."""
+async def ready(request: Request, registry: RegistryDep, pool: PoolDep) -> JSONResponse:
+    """Ready when the tasks are loaded, at least one engine replica is healthy, and the
+    gateway is not draining for shutdown."""
+    if getattr(request.app.state, "draining", False):
+        return error_response(Draining("shutting down: finishing in-flight requests"))
     replicas = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight} for r in pool.replicas]
     if not pool.ready():
         return error_response(UpstreamUnavailable(f"no healthy engine replica: {replicas}"))
