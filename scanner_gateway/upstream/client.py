@@ -32,7 +32,7 @@ from scanner_gateway.errors import (
 )
 from scanner_gateway.protocol import ChatCompletion, ModelCard, ModelList
 
-PROBE_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 5.0  # generous: a busy engine's API process answers late, not never
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: we drop an idle connection before the
 # engine does, so a request never lands on a socket the engine is closing.
 KEEPALIVE_S = 4.0

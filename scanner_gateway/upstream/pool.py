@@ -2,7 +2,7 @@
 
 - A background monitor probes each replica's `/health` and scrapes its queue gauges
   every `probe_interval_s`. A replica that refuses connections (to a request or a probe)
-  or fails its health probe with 503 is ejected at once; one that misses `FAILURES_TO_EJECT` probes in a row (slow, not dead) too.
+  or fails its health probe with 503 is ejected at once; one that misses `FAILURES_TO_EJECT` probes in a row (hung, not just busy) too.
   Ejected replicas are re-probed after a backoff that doubles up to `MAX_EJECT_S`, and
   re-admitted on their first healthy answer (a circuit breaker).
 - Every request picks a replica with the routing policy and counts itself in flight there.
@@ -38,7 +38,9 @@ from scanner_gateway.upstream.routing import ReplicaLoad, RoutingPolicy
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FAILURES_TO_EJECT = 3
+# A slow probe is not a dead replica: an engine saturating its CPUs answers /health
+# late. Only a run this long of failed probes or requests (a hung engine) ejects it.
+FAILURES_TO_EJECT = 10
 MIN_EJECT_S = 0.5
 MAX_EJECT_S = 5.0
 RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
