@@ -2,7 +2,8 @@
 
 - A background monitor probes each replica's `/health` and scrapes its queue gauges
   every `probe_interval_s`. A replica that refuses connections (to a request or a probe)
-  or fails its health probe with 503 is ejected at once; one that misses `FAILURES_TO_EJECT` probes in a row (hung, not just busy) too.
+  or fails its health probe with 503 is ejected at once; one that fails
+  `FAILURES_TO_EJECT` probes or requests in a row (hung, not just busy) too.
   Ejected replicas are re-probed after a backoff that doubles up to `MAX_EJECT_S`, and
   re-admitted on their first healthy answer (a circuit breaker).
 - Every request picks a replica with the routing policy and counts itself in flight there.
