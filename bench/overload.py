@@ -201,6 +201,7 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
         table.add_row("status mix", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())), "200/429 only")
         table.add_row("5xx", str(sum(v for k, v in statuses.items() if k >= 500)), "0")
         table.add_row("429 p99 ms", f"{pct(refused, 0.99):.1f}", "<= 20")
+        table.add_row("admitted p50 / p90 ms", f"{pct(admitted, 0.5):.0f} / {pct(admitted, 0.9):.0f}", "")
         table.add_row("admitted p99 ms", f"{pct(admitted, 0.99):.0f} ({pct(admitted, 0.99) / pct(quiet, 0.99):.2f}x unloaded)",
                       "<= 1.5x")
         console.print(table)

@@ -8,8 +8,10 @@ was expected to get a slot in time; it is refused late only if it waited
 `WAIT_GRACE` times that long (the estimate was badly wrong). So overload gets fast
 429s, never a pile-up, never a 5xx.
 
-The expected wait is the queue ahead of the request times the recent average time a
-request holds its slot (an exponential moving average), divided by `max_in_flight`.
+The expected wait comes from when the running requests should free their slots: each
+started at a known time and holds its slot for about the recent average (an exponential
+moving average). Slots often free in bursts (requests batched together finish
+together), which a plain "queue x average / slots" estimate misses.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class AdmissionController:
         self.max_wait_s = max_wait_s
         self.in_flight = 0
         self.avg_hold_s = initial_hold_s
+        self._started: dict[int, float] = {}  # running request -> when it got its slot
         self.stats = AdmissionStats()
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
@@ -86,7 +89,15 @@ class AdmissionController:
         return sum(1 for w in self._queue if w.rank == rank and not w.future.done())
 
     def _expected_wait_s(self, ahead: int) -> float:
-        return (ahead + 1) * self.avg_hold_s / self.max_in_flight
+        """Wait of a request with `ahead` requests queued before it."""
+        now = self._clock()
+        releases = [start + self.avg_hold_s for start in self._started.values()]
+        handed_over = self.in_flight - len(releases)  # given to a waiter that has yet to start
+        releases += [now + self.avg_hold_s] * handed_over
+        releases += [now] * (self.max_in_flight - self.in_flight)
+        releases.sort()
+        rounds, index = divmod(ahead, self.max_in_flight)
+        return max(0.0, releases[index] - now) + rounds * self.avg_hold_s
 
     def _refuse(self, klass: PriorityClass, why: str, expected_s: float) -> Overloaded:
         self.stats.rejected[klass] += 1
@@ -102,10 +113,12 @@ class AdmissionController:
         else:
             await self._wait(klass, rank, deadline)
         self.stats.admitted[klass] += 1
-        started = self._clock()
+        token = next(self._seq)
+        started = self._started[token] = self._clock()
         try:
             yield
         finally:
+            del self._started[token]
             held = self._clock() - started
             self.avg_hold_s += EWMA_WEIGHT * (held - self.avg_hold_s)
             self._release()
