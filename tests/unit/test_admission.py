@@ -64,3 +64,17 @@ def test_cancelled_waiter_does_not_leak_its_slot():
         assert gate.in_flight == 0 and gate.queued() == 0
 
     run(main())
+
+
+def test_expected_wait_follows_when_running_requests_free_their_slots():
+    now = [0.0]
+    gate = AdmissionController(2, 10, max_wait_s=0.5, initial_hold_s=1.0, clock=lambda: now[0])
+    gate._started = {1: 0.0, 2: 0.6}  # two running: one frees at 1.0, the other at 1.6
+    gate.in_flight = 2
+    now[0] = 0.3
+    assert gate._expected_wait_s(0) == pytest.approx(0.7)  # the next slot frees at 1.0
+    assert gate._expected_wait_s(1) == pytest.approx(1.3)  # then at 1.6
+    assert gate._expected_wait_s(2) == pytest.approx(1.7)  # a round later
+    gate.in_flight = 1  # one slot free right now
+    gate._started = {2: 0.6}
+    assert gate._expected_wait_s(0) == 0.0
