@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from scanner_gateway.errors import InvalidRequest, Overloaded
+from scanner_gateway.metrics import GatewayMetrics
 
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # first runs first
@@ -70,6 +71,7 @@ class AdmissionController:
         *,
         initial_hold_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.queue_limit = queue_limit
@@ -81,6 +83,7 @@ class AdmissionController:
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
         self._clock = clock
+        self.metrics = metrics
 
     def queued(self, klass: PriorityClass | None = None) -> int:
         if klass is None:
@@ -99,8 +102,16 @@ class AdmissionController:
         rounds, index = divmod(ahead, self.max_in_flight)
         return max(0.0, releases[index] - now) + rounds * self.avg_hold_s
 
+    def _export(self) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.set(self.in_flight)
+            for klass in PRIORITY_CLASSES:
+                self.metrics.queued.labels(klass).set(self.queued(klass))
+
     def _refuse(self, klass: PriorityClass, why: str, expected_s: float) -> Overloaded:
         self.stats.rejected[klass] += 1
+        if self.metrics is not None:
+            self.metrics.rejections.labels(klass).inc()
         retry_after = max(1, math.ceil(expected_s))
         return Overloaded(f"gateway overloaded ({why}); retry in {retry_after} s", retry_after_s=retry_after)
 
@@ -115,6 +126,7 @@ class AdmissionController:
         self.stats.admitted[klass] += 1
         token = next(self._seq)
         started = self._started[token] = self._clock()
+        self._export()
         try:
             yield
         finally:
@@ -122,6 +134,7 @@ class AdmissionController:
             held = self._clock() - started
             self.avg_hold_s += EWMA_WEIGHT * (held - self.avg_hold_s)
             self._release()
+            self._export()
 
     async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
         ahead = sum(1 for w in self._queue if w.rank <= rank)
@@ -135,6 +148,7 @@ class AdmissionController:
             raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
         waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, waiter)
+        self._export()
         patience = self.max_wait_s * WAIT_GRACE
         if deadline is not None:
             patience = min(patience, deadline - self._clock())
@@ -147,6 +161,7 @@ class AdmissionController:
                 waiter.future.cancel()
                 self._queue.remove(waiter)
                 heapq.heapify(self._queue)
+            self._export()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refuse(klass, f"waited {patience:.1f} s for a free slot", self.avg_hold_s) from None

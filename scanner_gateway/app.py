@@ -12,8 +12,10 @@ from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import openai, ops, scan
 from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit
+from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
+from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.scan.idempotency import IdempotencyCache
 from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
@@ -39,6 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
     startup at once."""
     registry = TaskRegistry.load(settings.prompts_dir)
     upstream_urls = settings.upstream_urls()
+    metrics = GatewayMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
             model=settings.model,
             probe_interval_s=settings.probe_interval_s,
             max_attempts=settings.upstream_attempts,
+            metrics=metrics,
         )
         await pool.start()
         normalizer = ImageNormalizer(
@@ -66,8 +70,10 @@ def create_app(settings: Settings) -> FastAPI:
             max_in_flight=settings.max_in_flight_per_replica * len(upstream_urls),
             queue_limit=settings.queue_limit,
             max_wait_s=settings.max_queue_wait_s,
+            metrics=metrics,
         )
         app.state.settings = settings
+        app.state.metrics = metrics
         app.state.registry = registry
         app.state.pool = pool
         app.state.admission = admission
@@ -84,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine_priorities=settings.engine_priorities,
             request_timeout_s=settings.request_timeout_s,
             idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
+            metrics=metrics,
         )
         try:
             yield
@@ -104,7 +111,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops.router)
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
-    app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # outermost: before any body
+    app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # before any body is read
+    app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
     return app
 
 

@@ -10,7 +10,9 @@ and a second signal stops at once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from types import FrameType
 
@@ -18,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from scanner_gateway.config import Settings
+from scanner_gateway.logs import logging_config
 
 
 class DrainingServer(uvicorn.Server):
@@ -42,20 +45,28 @@ class DrainingServer(uvicorn.Server):
 
 
 def run_gateway(settings: Settings, workers: int = 1) -> None:
-    from scanner_gateway.app import create_app
-
     common = dict(
         host=settings.host,
         port=settings.port,
-        log_level="info",
-        access_log=settings.access_log,
+        log_config=logging_config(),
+        access_log=False,  # the gateway writes its own JSON access lines (with request ids)
         timeout_graceful_shutdown=settings.graceful_timeout_s,
     )
     if workers == 1:
+        from scanner_gateway.app import create_app
+
         app = create_app(settings)
         DrainingServer(uvicorn.Config(app, **common), app, settings.drain_s).run()
         return
-    # Worker processes build their own app from the environment: hand them our settings.
-    # (uvicorn's supervisor forwards SIGTERM to them at once: no drain period here.)
+    # Worker processes build their own app from the environment: hand them our settings,
+    # and a directory where each writes its metrics for /metrics to merge. (uvicorn's
+    # supervisor forwards SIGTERM to the workers at once: no drain period here.)
     os.environ.update(settings.as_env())
-    uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers, **common)
+    own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    if own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="scanner-metrics-")
+    try:
+        uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers, **common)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)

@@ -51,7 +51,7 @@ def streamed(status: int, *chunks: bytes, content_type: str = "application/json"
 @dataclass
 class Received:
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     body: bytes
 
 
@@ -79,6 +79,8 @@ class FakeEngine:
         self.payloads.append(payload)
         if self.answer is not None:
             return self.answer(payload)
+        if "response_format" not in payload:  # a plain chat request
+            return completion("fake answer")
         schema = payload["response_format"]["json_schema"]["schema"]
         return completion(json.dumps(sample_instance(schema)))
 
@@ -96,7 +98,7 @@ class FakeEngineServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.engine.received.append(Received(request.path, dict(request.headers), body))
+        self.engine.received.append(Received(request.path, {k.lower(): v for k, v in request.headers.items()}, body))
         reply = self.engine.reply(request.path, body)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)

@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scanner_gateway.errors import Unauthorized, error_response
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Probes and the Prometheus scrape stay open (no secrets there; scrapers rarely hold keys).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from scanner_gateway.api.deps import PoolDep, RegistryDep, error_responses
 from scanner_gateway.errors import Draining, UpstreamUnavailable, error_response
@@ -15,6 +15,13 @@ router = APIRouter(tags=["ops"])
 async def health() -> dict[str, str]:
     """The process is alive (no dependency checks)."""
     return {"status": "ok"}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (`scanner_*`), from every worker process."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/ready", responses=error_responses(503))

@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from scanner_gateway.admission import AdmissionController, PriorityClass
-from scanner_gateway.errors import InvalidRequest, ModelOutputInvalid, UpstreamTimeout
+from scanner_gateway.errors import GatewayError, InvalidRequest, ModelOutputInvalid, UpstreamTimeout
+from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion
 from scanner_gateway.scan.idempotency import IdempotencyCache, request_fingerprint
 from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
@@ -66,6 +67,7 @@ class ScanService:
         engine_priorities: Mapping[PriorityClass, int] | None = None,
         request_timeout_s: float = 300.0,
         idempotency: IdempotencyCache | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.normalizer = normalizer
@@ -77,6 +79,7 @@ class ScanService:
         self.engine_priorities = engine_priorities
         self.request_timeout_s = request_timeout_s
         self.idempotency = idempotency or IdempotencyCache()
+        self.metrics = metrics or GatewayMetrics()
 
     async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
         if not images:
@@ -123,12 +126,14 @@ class ScanService:
                 )
                 return result, usage, warnings + box_warnings, completion.model
             except OutputInvalid as exc:
+                self.metrics.output_failures.labels(task.name).inc()
                 if attempt == 2:
                     raw = (text or "")[: self.raw_output_chars]
                     raise ModelOutputInvalid(
                         f"the model's answer was invalid twice ({exc}); raw output: {raw!r}"
                     ) from exc
                 warnings.append(f"first answer invalid ({exc}); retried with more tokens")
+                self.metrics.scan_retries.labels(task.name).inc()
                 max_tokens *= RETRY_TOKEN_FACTOR
         raise AssertionError("unreachable")
 
@@ -159,14 +164,25 @@ class ScanService:
         self, task: Task, images: Sequence[bytes | str], locale: Locale, priority: PriorityClass
     ) -> ScanResult:
         deadline = time.monotonic() + self.request_timeout_s
-        async with self.admission.slot(priority, deadline):
-            try:
-                async with asyncio.timeout_at(deadline):
-                    return await self._scan(task, images, locale, priority)
-            except TimeoutError as exc:
-                raise UpstreamTimeout(
-                    f"scan did not finish within the {self.request_timeout_s:g} s request deadline"
-                ) from exc
+        try:
+            async with self.admission.slot(priority, deadline):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        result = await self._scan(task, images, locale, priority)
+                except TimeoutError as exc:
+                    raise UpstreamTimeout(
+                        f"scan did not finish within the {self.request_timeout_s:g} s request deadline"
+                    ) from exc
+        except GatewayError as err:
+            self.metrics.scans.labels(task.name, err.code).inc()
+            raise
+        self.metrics.scans.labels(task.name, "ok").inc()
+        self.metrics.preprocess_seconds.labels(task.name).observe(result.timings_ms.preprocess / 1000)
+        self.metrics.engine_seconds.labels(task.name).observe(result.timings_ms.engine / 1000)
+        for image in result.images:
+            self.metrics.image_bytes.observe(image.bytes)
+            self.metrics.image_pixels.observe(image.width * image.height)
+        return result
 
     async def _scan(
         self, task: Task, images: Sequence[bytes | str], locale: Locale, priority: PriorityClass

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from scanner_gateway.context import request_id
 from scanner_gateway.errors import (
     EngineError,
     EngineUnreachable,
@@ -99,10 +100,14 @@ class EngineClient:
         self.base_url = base_url.rstrip("/")
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
+    def _headers(self, **extra: str) -> dict[str, str]:
+        rid = request_id.get()
+        return {**extra, **self._auth, **({"X-Request-Id": rid} if rid else {})}
+
     async def _get(self, path: str) -> bytes:
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
         with translate_errors(self.base_url, path):
-            async with self._session.get(f"{self.base_url}{path}", headers=self._auth, timeout=timeout) as resp:
+            async with self._session.get(f"{self.base_url}{path}", headers=self._headers(), timeout=timeout) as resp:
                 body = await resp.read()
         raise_for_engine_status(self.base_url, resp.status, body)
         return body
@@ -115,7 +120,7 @@ class EngineClient:
         client yet, so the pool may retry elsewhere); other engine errors are returned, so
         a pass-through hands the engine's own error body to its client.
         """
-        headers = {"Content-Type": content_type or "application/json", **self._auth}
+        headers = self._headers(**{"Content-Type": content_type or "application/json"})
         with translate_errors(self.base_url, path):
             resp = await self._session.post(f"{self.base_url}{path}", data=body, headers=headers)
             if resp.status == 503:
@@ -135,7 +140,7 @@ class EngineClient:
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
         with translate_errors(self.base_url, "/v1/chat/completions"):
             async with self._session.post(
-                f"{self.base_url}/v1/chat/completions", json=payload, headers=self._auth
+                f"{self.base_url}/v1/chat/completions", json=payload, headers=self._headers()
             ) as resp:
                 body = await resp.read()
         raise_for_engine_status(self.base_url, resp.status, body)

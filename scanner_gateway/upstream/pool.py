@@ -31,6 +31,7 @@ from scanner_gateway.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion, ModelCard
 from scanner_gateway.upstream.client import EngineClient
 from scanner_gateway.upstream.gauges import EngineGauges, parse_engine_gauges
@@ -76,6 +77,7 @@ class ReplicaPool:
         probe_interval_s: float = 1.0,
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         if not clients:
             raise ValueError("a replica pool needs at least one engine URL")
@@ -86,6 +88,7 @@ class ReplicaPool:
         self._clock = clock
         self._model = model
         self._monitor: asyncio.Task[None] | None = None
+        self.metrics = metrics
 
     # -- health --------------------------------------------------------------------
 
@@ -128,6 +131,17 @@ class ReplicaPool:
             replica.gauges = parse_engine_gauges(await replica.client.metrics_text())
         except (UpstreamError, ValueError) as exc:
             log.warning("could not read queue gauges of %s: %s", replica.url, exc)
+        self._export(replica)
+
+    def _export(self, replica: Replica) -> None:
+        if self.metrics is None:
+            return
+        m, url = self.metrics, replica.url
+        m.replica_healthy.labels(url).set(1 if replica.healthy else 0)
+        m.replica_in_flight.labels(url).set(replica.in_flight)
+        m.replica_waiting.labels(url).set(replica.gauges.waiting)
+        m.replica_running.labels(url).set(replica.gauges.running)
+        m.replica_kv_usage.labels(url).set(replica.gauges.kv_cache_usage)
 
     def failed(self, replica: Replica, exc: Exception, *, definitive: bool) -> None:
         """Count a failure; eject on a definitive one or after enough in a row."""
@@ -140,6 +154,7 @@ class ReplicaPool:
             replica.eject_s = min(replica.eject_s * 2, MAX_EJECT_S)
         replica.healthy = False
         replica.probe_after = self._clock() + replica.eject_s
+        self._export(replica)
 
     def ready(self) -> bool:
         return any(r.healthy for r in self.replicas)
@@ -164,6 +179,8 @@ class ReplicaPool:
             if replica is None:
                 break
             if attempt:
+                if self.metrics is not None:
+                    self.metrics.upstream_retries.inc()
                 await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2 ** (attempt - 1)))
             tried.add(replica.index)
             replica.in_flight += 1

@@ -29,7 +29,7 @@ def test_passthrough_forwards_the_body_byte_for_byte(settings, fake_engine):
     assert r.status_code == 200 and r.json()["id"] == "x" and r.headers["x-engine"] == "1"
     sent = fake_engine.received[-1]
     assert sent.path == "/v1/chat/completions" and sent.body == body
-    assert sent.headers["Authorization"] == "Bearer engine-secret"
+    assert sent.headers["authorization"] == "Bearer engine-secret"
 
 
 @pytest.mark.parametrize(("request_body", "header", "engine_priority"), [

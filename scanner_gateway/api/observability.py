@@ -1,0 +1,73 @@
+"""Per-request id, access log line and request metrics (pure ASGI, outermost layer).
+
+`X-Request-Id` from the client is kept when it is sane (else a new one is made); it
+comes back on the response, appears in every log line of the request and is forwarded
+to vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scanner_gateway.context import request_id
+from scanner_gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("scanner_gateway.access")
+MAX_REQUEST_ID = 128
+# Requests that never reach a FastAPI route (the raw chat relay, or no route at all).
+_UNROUTED = {"/v1/chat/completions": "/v1/chat/completions"}
+
+
+def accept_request_id(presented: bytes | None) -> str:
+    if presented:
+        value = presented.decode("latin-1")
+        if len(value) <= MAX_REQUEST_ID and value.isprintable() and value.strip() == value:
+            return value
+    return uuid.uuid4().hex
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, access_log: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        presented = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                presented = value
+        rid = accept_request_id(presented)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500  # if the app dies before answering, uvicorn answers 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or _UNROUTED.get(scope["path"], "unmatched")
+            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(template).observe(elapsed)
+            if self.access_log:
+                log.info("request", extra={
+                    "method": scope["method"], "path": scope["path"], "route": template, "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "client": scope["client"][0] if scope.get("client") else None,
+                })
+            request_id.reset(token)

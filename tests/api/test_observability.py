@@ -1,0 +1,107 @@
+"""Metrics, request ids and JSON logs (FAKE ENGINE behind the gateway)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.test_scan_api import PHOTO, assert_error
+from tests.e2e.conftest import free_port
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text).get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_after_real_traffic(client, fake_engine):
+    fake_engine.waiting = 3
+    assert client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+    assert_error(client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "nope"}), 404, "unknown_task")
+    time.sleep(1.2)  # one probe round reads the engine's gauges
+    text = client.get("/metrics").text
+    assert value(text, "scanner_requests_total", route="/v1/scan", method="POST", status="200") == 1
+    assert value(text, "scanner_requests_total", route="/v1/scan", method="POST", status="404") == 1
+    assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == 1
+    assert value(text, "scanner_scans_total", task="storefront", outcome="ok") == 1
+    assert value(text, "scanner_scans_total", task="storefront", outcome="unknown_task") == 0  # refused before a task
+    assert value(text, "scanner_preprocess_duration_seconds_count", task="storefront") == 1
+    assert value(text, "scanner_engine_duration_seconds_count", task="storefront") == 1
+    assert value(text, "scanner_image_bytes_count") == 1 and value(text, "scanner_image_pixels_sum") == 1600 * 1200
+    assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1
+    assert value(text, "scanner_replica_engine_waiting", replica=fake_engine.url) == 3
+    assert value(text, "scanner_admission_in_flight") == 0
+    assert "scanner_admission_queue_depth" in text and "scanner_request_duration_seconds_bucket" in text
+    names = {name for name, _ in samples(text)}
+    assert all(n.startswith(("scanner_", "python_", "process_")) for n in names), names
+    assert not any(n.startswith("scanner_gpu") for n in names)  # no GPU here: absent, no error
+
+
+def test_request_id_is_kept_returned_and_forwarded(client, fake_engine):
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": []}, headers={"X-Request-Id": "store-42-abc"})
+    assert r.headers["x-request-id"] == "store-42-abc"
+    chats = [r for r in fake_engine.received if r.path == "/v1/chat/completions"]
+    assert chats[-1].headers["x-request-id"] == "store-42-abc"
+    fresh = client.get("/v1/tasks").headers["x-request-id"]
+    assert len(fresh) == 32 and fresh != "store-42-abc"
+    assert client.get("/v1/tasks", headers={"X-Request-Id": "x" * 500}).headers["x-request-id"] != "x" * 500
+
+
+def run_gateway(fake_engine, port: int, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "SCANNER_MODEL": "m", "SCANNER_DRAIN_S": "0"}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", fake_engine.url,
+                             "--port", str(port), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "gateway did not start"
+        time.sleep(0.1)
+
+
+def test_multiprocess_metrics_sum_every_worker(fake_engine):
+    port = free_port()
+    proc = run_gateway(fake_engine, port, "--workers", "2")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            for _ in range(20):  # new connections: spread over both workers
+                httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m", "messages": []})
+            text = c.get("/metrics").text
+        assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == 20
+        assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1  # most recent of both workers
+        assert value(text, "scanner_admission_in_flight") == 0  # summed over the live workers
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_logs_are_json_lines_with_request_ids_and_no_image_bytes(fake_engine):
+    port = free_port()
+    proc = run_gateway(fake_engine, port)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/scan", files={"image": ("a.jpg", PHOTO)},
+                       data={"task": "storefront"}, headers={"X-Request-Id": "log-me-1"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines and len(lines) == len([ln for ln in out.splitlines() if ln.strip()]), out  # every line is JSON
+    access = [ln for ln in lines if ln.get("request_id") == "log-me-1" and ln["message"] == "request"]
+    assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/scan" and access[0]["duration_ms"] > 0
+    assert "/9j/" not in out and "base64" not in out  # no image bytes anywhere
