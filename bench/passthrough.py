@@ -197,7 +197,9 @@ def main(
     gateway = subprocess.Popen(
         [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", f"http://127.0.0.1:{engine_port}",
          "--port", str(gw_port), "--workers", str(workers)],
-        env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": "false"}, cwd=ROOT,
+        # Admission sized above the load: this bench measures relay overhead, not queueing.
+        env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": "false",
+             "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max(256, concurrency * 2))}, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

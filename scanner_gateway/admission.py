@@ -102,9 +102,11 @@ class AdmissionController:
         rounds, index = divmod(ahead, self.max_in_flight)
         return max(0.0, releases[index] - now) + rounds * self.avg_hold_s
 
-    def _export(self) -> None:
-        if self.metrics is not None:
-            self.metrics.in_flight.set(self.in_flight)
+    def _export(self, queue_changed: bool = False) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.in_flight.set(self.in_flight)
+        if queue_changed:
             for klass in PRIORITY_CLASSES:
                 self.metrics.queued.labels(klass).set(self.queued(klass))
 
@@ -133,8 +135,8 @@ class AdmissionController:
             del self._started[token]
             held = self._clock() - started
             self.avg_hold_s += EWMA_WEIGHT * (held - self.avg_hold_s)
-            self._release()
-            self._export()
+            handed_over = self._release()
+            self._export(queue_changed=handed_over)
 
     async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
         ahead = sum(1 for w in self._queue if w.rank <= rank)
@@ -148,7 +150,7 @@ class AdmissionController:
             raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
         waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, waiter)
-        self._export()
+        self._export(queue_changed=True)
         patience = self.max_wait_s * WAIT_GRACE
         if deadline is not None:
             patience = min(patience, deadline - self._clock())
@@ -161,16 +163,17 @@ class AdmissionController:
                 waiter.future.cancel()
                 self._queue.remove(waiter)
                 heapq.heapify(self._queue)
-            self._export()
+            self._export(queue_changed=True)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refuse(klass, f"waited {patience:.1f} s for a free slot", self.avg_hold_s) from None
 
-    def _release(self) -> None:
-        """Give the slot to the best waiter, or free it."""
+    def _release(self) -> bool:
+        """Give the slot to the best waiter (True), or free it."""
         while self._queue:
             waiter = heapq.heappop(self._queue)
             if not waiter.future.done():
                 waiter.future.set_result(None)  # in_flight stays: the slot changes hands
-                return
+                return True
         self.in_flight -= 1
+        return False

@@ -7,9 +7,12 @@ to vLLM.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
+
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,12 +25,17 @@ MAX_REQUEST_ID = 128
 _UNROUTED = {"/v1/chat/completions": "/v1/chat/completions"}
 
 
+# New ids: a random per-process prefix and a counter (unique without a syscall each).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
 def accept_request_id(presented: bytes | None) -> str:
     if presented:
         value = presented.decode("latin-1")
         if len(value) <= MAX_REQUEST_ID and value.isprintable() and value.strip() == value:
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 class RequestContext:
@@ -35,6 +43,8 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        # Labelled children, looked up once per (route, method, status): labels() is not free.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +72,15 @@ class RequestContext:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or _UNROUTED.get(scope["path"], "unmatched")
-            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(template).observe(elapsed)
+            key = (template, scope["method"], status)
+            children = self._children.get(key)
+            if children is None:
+                children = self._children[key] = (
+                    self.metrics.requests.labels(template, scope["method"], str(status)),
+                    self.metrics.request_seconds.labels(template),
+                )
+            children[0].inc()
+            children[1].observe(elapsed)
             if self.access_log:
                 log.info("request", extra={
                     "method": scope["method"], "path": scope["path"], "route": template, "status": status,
