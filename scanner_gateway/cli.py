@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,9 @@ from scanner_gateway.engine.launcher import (
     EngineOptions,
     EngineStartError,
     ManagedEngine,
+    engine_command,
+    engine_env,
+    vllm_executable,
 )
 from scanner_gateway.scan.tasks import TaskConfigError, TaskRegistry
 from scanner_gateway.serving import run_gateway
@@ -56,6 +60,55 @@ def ensure_dev_model(directory: Path) -> Path:
     return directory
 
 
+def _engine_options(
+    settings: Settings, model: str | None, host: str, port: int, max_model_len: int | None,
+    engine_arg: list[str] | None,
+) -> EngineOptions:
+    """vLLM options sized for our task files; the dev model (built on first use) by default."""
+    registry = _load_registry(settings)
+    if model is None:
+        model_path = str(ensure_dev_model(cache_dir() / "dev-model"))
+        served, max_len = DEV_SERVED_NAME, max_model_len or DEV_MAX_MODEL_LEN
+    else:
+        model_path, served, max_len = model, DEFAULT_SERVED_NAME, max_model_len
+    return EngineOptions(
+        model=model_path,
+        served_model_name=served,
+        host=host,
+        port=port,
+        max_images=max(t.spec.max_images for t in registry),
+        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
+        max_model_len=max_len,
+        api_key=settings.upstream_api_key,
+        extra_args=engine_arg or [],
+    )
+
+
+@app.command()
+def engine(
+    model: Annotated[
+        Optional[str], typer.Option(help="Model directory or hub id. Default: the tiny dev model.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="vLLM bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="vLLM port.")] = DEFAULT_ENGINE_PORT,
+    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM --max-model-len.")] = None,
+    engine_arg: Annotated[Optional[list[str]], typer.Option(help="Extra argument for `vllm serve` (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
+) -> None:
+    """Run only vLLM, in the foreground, with the flags the gateway relies on (containers)."""
+    opts = _engine_options(Settings(), model, host, port, max_model_len, engine_arg)
+    try:
+        executable = "vllm" if dry_run else vllm_executable()
+    except EngineStartError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    cmd = engine_command(opts, executable)
+    if dry_run:
+        typer.echo(shlex.join(cmd))
+        return
+    os.execvpe(executable, cmd, engine_env(opts.model))
+
+
 @app.command()
 def up(
     model: Annotated[
@@ -77,22 +130,8 @@ def up(
     # (uvicorn re-raises the signal it caught once it has shut down).
     signal.signal(signal.SIGTERM, _exit_on_signal)
     settings = Settings(host=host, port=port)
-    registry = _load_registry(settings)
-    if model is None:
-        model_path = str(ensure_dev_model(cache_dir() / "dev-model"))
-        served, max_len = DEV_SERVED_NAME, max_model_len or DEV_MAX_MODEL_LEN
-    else:
-        model_path, served, max_len = model, DEFAULT_SERVED_NAME, max_model_len
-    opts = EngineOptions(
-        model=model_path,
-        served_model_name=served,
-        port=engine_port,
-        max_images=max(t.spec.max_images for t in registry),
-        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
-        max_model_len=max_len,
-        api_key=settings.upstream_api_key,
-        extra_args=engine_arg or [],
-    )
+    opts = _engine_options(settings, model, "127.0.0.1", engine_port, max_model_len, engine_arg)
+    model_path, served = opts.model, opts.served_model_name
     log_path = cache_dir() / "logs" / f"vllm-{engine_port}.log"
     try:
         engine = ManagedEngine(opts, log_path)

@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 import time
-
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send

@@ -21,3 +21,14 @@ def test_sample_photo(tmp_path):
     result = runner.invoke(app, ["sample-photo", str(path), "--width", "640", "--height", "480"])
     assert result.exit_code == 0
     assert Image.open(path).size == (640, 480)
+
+
+def test_engine_command_prints_the_flags_the_gateway_relies_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCANNER_CACHE_DIR", str(tmp_path))
+    result = runner.invoke(app, ["engine", "--dry-run", "--host", "0.0.0.0", "--model", "/models/ostrakon"])
+    assert result.exit_code == 0, result.output
+    cmd = result.output.strip()
+    assert cmd.startswith("vllm serve /models/ostrakon --served-model-name ostrakon-vl --host 0.0.0.0")
+    for flag in ("--scheduling-policy priority", "--generation-config vllm", '"backend":"guidance"',
+                 "--limit-mm-per-prompt"):
+        assert flag in cmd

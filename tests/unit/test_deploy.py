@@ -1,0 +1,105 @@
+"""Deployment files, validated offline (no Docker engine or cluster exists here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from scanner_gateway.metrics import GatewayMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S_VERSION = "1.30"
+MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+
+def check_jsonschema(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", *args], capture_output=True, text=True)
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path):
+    ok = check_jsonschema("--builtin-schema", "vendor.compose-spec", str(ROOT / "compose.yaml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "compose.yaml"
+    broken.write_text((ROOT / "compose.yaml").read_text().replace("restart: unless-stopped", "restart: [sometimes]", 1))
+    assert check_jsonschema("--builtin-schema", "vendor.compose-spec", str(broken)).returncode != 0  # it can fail
+
+
+def test_compose_profiles_give_one_engine_each_and_the_gateway_finds_it():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["vllm"]["profiles"] == ["gpu"] and services["vllm-cpu"]["profiles"] == ["cpu"]
+    for engine in ("vllm", "vllm-cpu"):
+        assert "engine" in services[engine]["networks"]["default"]["aliases"]
+        assert "healthcheck" in services[engine]
+    assert services["gateway"]["environment"]["SCANNER_UPSTREAMS"] == "http://engine:8000"
+    gpu = services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    for name in ("gateway", "prometheus", "grafana"):
+        assert "profiles" not in services[name]  # they come up with either profile
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kubernetes_manifests_validate(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_validation_can_fail():
+    deployment = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/gateway.yaml").read_text())
+                      if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/ready"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_gateway_probes_and_upstreams_match_the_engine_statefulset():
+    docs = {(d["kind"], d["metadata"]["name"]): d for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d}
+    container = docs[("Deployment", "scanner-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    upstreams = docs[("ConfigMap", "scanner-gateway")]["data"]["SCANNER_UPSTREAMS"].split(",")
+    hpa_max = docs[("HorizontalPodAutoscaler", "vllm")]["spec"]["maxReplicas"]
+    assert upstreams == [f"http://vllm-{i}.vllm:8000" for i in range(hpa_max)]
+    assert docs[("StatefulSet", "vllm")]["spec"]["serviceName"] == "vllm"
+
+
+def known_metric_names() -> set[str]:
+    names = set()
+    for family in GatewayMetrics().registry.collect():
+        names |= {s.name for s in family.samples} | {family.name}
+    names |= {n + suffix for n in names for suffix in ("_total", "_bucket", "_sum", "_count")}
+    return names | {"scanner_gpu_utilization_ratio", "scanner_gpu_memory_used_bytes", "scanner_gpu_memory_total_bytes"}
+
+
+def test_grafana_dashboard_queries_only_metrics_that_exist():
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/scanner-gateway.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10
+    used = {m for e in exprs for m in re.findall(r"\b(scanner_[a-z_]+)", e)}
+    assert used and used <= known_metric_names(), used - known_metric_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for wanted in ("scans per second", "latency", "queue depth", "rejections", "gpu utilisation"):
+        assert wanted in titles
+
+
+def test_prometheus_scrapes_gateway_and_engine():
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {"gateway:8080", "engine:8000"}
+    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER gateway$", text, re.M) and "HEALTHCHECK" in text and "/health" in text
+    assert 'CMD ["scanner-gateway", "serve"]' in text
