@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import signal
@@ -10,7 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 
+from scanner_gateway.bulk import BulkSummary, ResultsFile, find_images, scan_all
+from scanner_gateway.client import DEFAULT_URL, AsyncScanClient
 from scanner_gateway.config import Settings
 from scanner_gateway.engine.launcher import (
     DEFAULT_ENGINE_PORT,
@@ -175,6 +179,55 @@ def serve(
     """Run only the gateway, in front of an existing vLLM server."""
     overrides = {k: v for k, v in {"upstream_url": upstream, "host": host, "port": port}.items() if v is not None}
     _run_gateway(Settings(**overrides), workers=workers)
+
+
+@app.command()
+def scan(
+    paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders (searched recursively).")],
+    task: Annotated[str, typer.Option(help="Scan task (see `scanner-gateway tasks`).")] = "product_scan",
+    url: Annotated[str, typer.Option(help="Gateway base URL.")] = DEFAULT_URL,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="SCANNER_API_KEY", help="Bearer key (or SCANNER_API_KEY).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Scans in flight at once.")] = 4,
+    out: Annotated[Path, typer.Option(help="Results file: .jsonl or .csv (appended; reruns resume).")] = Path(
+        "results.jsonl"
+    ),
+    locale: Annotated[Optional[str], typer.Option(help="Prompt language: zh or en.")] = None,
+    priority: Annotated[str, typer.Option(help="interactive or batch.")] = "batch",
+    retry_failed: Annotated[bool, typer.Option(help="Scan images whose last row failed again.")] = False,
+) -> None:
+    """Scan files and folders concurrently; one row per image; exit 1 if any failed."""
+    try:
+        results = ResultsFile(out)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    images, missing = find_images(paths)
+    for path in missing:
+        console.print(f"[yellow]not found:[/yellow] {path}")
+    if not images:
+        console.print("[red]no photos found[/red] (.jpg, .jpeg, .png, .webp)")
+        raise typer.Exit(2)
+
+    async def run() -> BulkSummary:
+        async with AsyncScanClient(url, api_key=api_key, priority=priority, max_connections=concurrency) as client:
+            with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as progress:
+                bar = progress.add_task(f"{task}", total=len(images))
+                summary = await scan_all(
+                    client, images, task, results, concurrency=concurrency, locale=locale,
+                    retry_failed=retry_failed, on_done=lambda _path, _status: progress.advance(bar),
+                )
+                progress.update(bar, completed=len(images))
+                return summary
+
+    summary = asyncio.run(run())
+    console.print(
+        f"{len(images)} photo(s): {summary.scanned['ok']} scanned, {summary.failed} failed, "
+        f"{summary.skipped} already in {out}"
+    )
+    if summary.failed or missing:
+        raise typer.Exit(1)
 
 
 @app.command("make-dev-model")

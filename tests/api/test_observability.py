@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.test_scan_api import PHOTO, assert_error
-from tests.e2e.conftest import free_port
+from tests.helpers import free_port
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

@@ -11,8 +11,8 @@ import time
 
 import httpx
 
-from tests.e2e.conftest import free_port
 from tests.fake_engine import completion
+from tests.helpers import free_port
 
 
 def test_sigterm_drains_then_finishes_in_flight_work(fake_engine):

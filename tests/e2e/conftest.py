@@ -7,14 +7,10 @@ SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never do
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
@@ -22,14 +18,10 @@ from scanner_gateway.cli import DEV_MAX_MODEL_LEN, ensure_dev_model
 from scanner_gateway.config import Settings, default_prompts_dir
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
 from scanner_gateway.scan.tasks import TaskRegistry
+from tests.helpers import free_port, serve_in_thread
 
 ENGINE_STARTUP_TIMEOUT_S = 900
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +62,5 @@ def gateway(engine: ManagedEngine) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def gateway_url(engine: ManagedEngine) -> Iterator[str]:
     """The gateway on a real socket (uvicorn in a thread): for SDKs and streaming."""
-    port = free_port()
-    app = create_app(Settings(upstream_url=engine.base_url))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(Settings(upstream_url=engine.base_url))) as url:
+        yield url

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENGINE_STARTUP_TIMEOUT_S, free_port
+from tests.e2e.conftest import ENGINE_STARTUP_TIMEOUT_S
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ def readme_commands() -> list[str]:
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split("  #")[0].strip()
-            if "curl " in line or line.startswith(".venv/bin/scanner-gateway sample-photo"):
+            if "curl " in line or line.startswith((".venv/bin/scanner-gateway sample-photo",
+                                                   ".venv/bin/scanner-gateway scan ")):
                 commands.append(line)
     return commands
 

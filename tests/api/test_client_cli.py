@@ -1,0 +1,105 @@
+"""ScanClient (sync/async) and `scanner-gateway scan`, through a real gateway socket,
+in front of a FAKE ENGINE (faults on cue); tests/e2e runs them on the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from scanner_gateway.app import create_app
+from scanner_gateway.cli import app as cli
+from scanner_gateway.client import AsyncScanClient, ScanClient, ScanError
+from scanner_gateway.scan.results import ProductScan
+from tests.fake_engine import FakeReply
+from tests.helpers import serve_in_thread, shelf_jpeg
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def gateway(settings):
+    with serve_in_thread(create_app(settings)) as url:
+        yield url
+
+
+def test_sync_client_returns_a_typed_result(gateway, tmp_path):
+    photo = tmp_path / "shelf.jpg"
+    photo.write_bytes(shelf_jpeg(640, 480))
+    with ScanClient(gateway) as client:
+        scan = client.scan(photo, task="product_scan", locale="en")
+        assert isinstance(scan.result, ProductScan) and scan.images[0].width == 640
+        assert {t["name"] for t in client.tasks()} >= {"product_scan", "price_tags"}
+        with pytest.raises(ScanError) as exc:
+            client.scan(b"not a photo", task="product_scan")
+        assert exc.value.status == 415 and exc.value.code == "unsupported_media_type"
+
+
+def test_async_client_retries_an_engine_503_with_the_same_idempotency_key(gateway, fake_engine):
+    answers = iter([FakeReply(503, (b"warming up",))])
+
+    def answer(payload):
+        reply = next(answers, None)
+        if reply is not None:
+            return reply
+        from scanner_gateway.scan.schema import sample_instance
+        from tests.fake_engine import completion
+        return completion(json.dumps(sample_instance(payload["response_format"]["json_schema"]["schema"])))
+
+    fake_engine.answer = answer
+
+    async def main():
+        async with AsyncScanClient(gateway, priority="batch") as client:
+            return await client.scan(shelf_jpeg(320, 240), task="storefront")
+
+    scan = asyncio.run(main())
+    assert scan.task == "storefront" and len(fake_engine.payloads) == 2
+    assert fake_engine.payloads[-1]["priority"] == 10  # batch
+
+
+def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
+    photos = tmp_path / "store-7"
+    (photos / "aisle-2").mkdir(parents=True)
+    for i in range(3):
+        (photos / f"shelf-{i}.jpg").write_bytes(shelf_jpeg(320, 240, seed=i))
+    (photos / "aisle-2" / "tags.png").write_bytes(shelf_jpeg(320, 240, seed=9))  # a JPEG named .png: fine
+    (photos / "aisle-2" / "broken.jpg").write_bytes(shelf_jpeg(320, 240)[:3000])  # cut off mid-upload
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "audit.jsonl"
+
+    first = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--concurrency", "3"])
+    assert first.exit_code == 1, first.output  # one photo failed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and {r["task"] for r in rows} == {"product_scan"}
+    by_name = {r["file"].rsplit("/", 1)[1]: r for r in rows}
+    assert by_name["broken.jpg"]["status"] == "error" and by_name["broken.jpg"]["error_code"] == "invalid_image"
+    assert all(by_name[f"shelf-{i}.jpg"]["status"] == "ok" for i in range(3))
+    assert "products" in by_name["shelf-0.jpg"]["result"]
+    assert "4 scanned, 1 failed" in first.output
+
+    again = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out)])
+    assert again.exit_code == 0 and "5 already in" in again.output
+    assert len(out.read_text().splitlines()) == 5  # nothing scanned twice
+
+    retry = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--retry-failed"])
+    assert retry.exit_code == 1 and "0 scanned, 1 failed, 4 already in" in retry.output
+
+
+def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(shelf_jpeg(320, 240))
+    out = tmp_path / "r.csv"
+    ok = runner.invoke(cli, ["scan", str(photo), "--task", "price_tags", "--url", gateway, "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    row = next(csv.DictReader(out.open()))
+    assert row["status"] == "ok" and row["task"] == "price_tags" and "tags" in json.loads(row["result"])
+
+    assert runner.invoke(cli, ["scan", str(photo), "--out", str(tmp_path / "r.xlsx")]).exit_code == 2
+    assert runner.invoke(cli, ["scan", str(tmp_path / "nowhere"), "--out", str(out)]).exit_code == 2
+    unknown = runner.invoke(cli, ["scan", str(photo), "--task", "nope", "--url", gateway,
+                                  "--out", str(tmp_path / "u.jsonl")])
+    assert unknown.exit_code == 1
+    assert json.loads((tmp_path / "u.jsonl").read_text())["error_code"] == "unknown_task"
