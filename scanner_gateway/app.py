@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
-from scanner_gateway.api import openai, ops, scan
+from scanner_gateway.api import openai, ops, scan, web
 from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit
 from scanner_gateway.api.observability import RequestContext
@@ -109,6 +110,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(scan.router)
     app.include_router(openai.router)
     app.include_router(ops.router)
+    app.include_router(web.router)
+    app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
     app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # before any body is read

@@ -14,8 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scanner_gateway.errors import Unauthorized, error_response
 
-# Probes and the Prometheus scrape stay open (no secrets there; scrapers rarely hold keys).
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Probes, the Prometheus scrape and the web page's static files stay open (no secrets
+# there; scrapers rarely hold keys; the page asks for a key before calling the API).
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})
+OPEN_PREFIXES = ("/ui/",)
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:
@@ -37,7 +39,8 @@ class ApiKeyAuth:
         self.keys = tuple(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

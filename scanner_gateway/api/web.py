@@ -1,0 +1,17 @@
+"""The scan terminal web page (static files shipped in the package; no CDN)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+router = APIRouter(tags=["web"])
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")

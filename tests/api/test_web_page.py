@@ -1,0 +1,92 @@
+"""The scan terminal page in a real headless Chromium (Debian's), driven by Playwright.
+
+The gateway runs on a real socket in front of a FAKE ENGINE whose answer has known boxes
+(random-weight models give no boxes worth checking positions of). A screenshot of the
+page with its result is kept in artifacts/ (SCANNER_ARTIFACTS_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scanner_gateway.app import create_app
+from tests.fake_engine import completion
+from tests.helpers import serve_in_thread, shelf_jpeg
+
+CHROMIUM = os.environ.get("SCANNER_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("SCANNER_ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "artifacts"))
+# Chromium on these machines: no sandbox as root, and no background calls to the internet.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ANSWER = {"products": [
+    {"name": "Cola 330ml", "brand": "Cola", "category": "beverage", "package": "can", "facings": 4,
+     "price": "3.50", "currency": "CNY", "image": 0, "bbox_2d": [100, 200, 300, 600]},
+    {"name": "Green tea", "brand": None, "category": "beverage", "package": "bottle", "facings": 2,
+     "price": None, "currency": None, "image": 0, "bbox_2d": [500, 100, 900, 500]},
+]}
+
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture
+def page(settings, fake_engine):
+    from playwright.sync_api import sync_playwright
+
+    fake_engine.answer = lambda _: completion(json.dumps(ANSWER))
+    with serve_in_thread(create_app(settings)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def test_upload_scan_and_see_table_and_boxes(page, tmp_path):
+    photo = tmp_path / "shelf.jpg"
+    photo.write_bytes(shelf_jpeg(1600, 1200, seed=5))
+    page.wait_for_selector("#task option[value=product_scan]", state="attached")
+    page.select_option("#task", "product_scan")
+    page.set_input_files("#photos", str(photo))
+    page.click("#scan-button")
+    page.wait_for_selector(".result table")
+
+    headers = page.locator(".result th").all_inner_texts()
+    assert "name" in headers and "facings" in headers
+    cells = page.locator(".result td").all_inner_texts()
+    assert "Cola 330ml" in cells and "Green tea" in cells
+
+    boxes = page.locator(".bbox")
+    assert boxes.count() == 2
+    img = page.locator(".photo img").bounding_box()
+    first = boxes.nth(0).bounding_box()
+    # bbox_2d [100, 200, 300, 600] of 1000 -> 10%..30% across, 20%..60% down the photo.
+    assert first["x"] - img["x"] == pytest.approx(0.10 * img["width"], abs=4)
+    assert first["y"] - img["y"] == pytest.approx(0.20 * img["height"], abs=4)
+    assert first["width"] == pytest.approx(0.20 * img["width"], abs=6)
+    assert page.locator("#history li").count() == 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "scan-terminal.png"), full_page=True)
+
+
+def test_errors_are_shown_clearly(page, tmp_path):
+    not_a_photo = tmp_path / "notes.jpg"
+    not_a_photo.write_text("these are notes, not a photo")
+    page.wait_for_selector("#task option[value=price_tags]", state="attached")
+    page.set_input_files("#photos", str(not_a_photo))
+    page.click("#scan-button")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert "unsupported_media_type" in error.inner_text() and "not a JPEG" in error.inner_text()
+
+
+def test_phone_width_and_keyboard(page):
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.wait_for_selector("#task option", state="attached")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "task"  # the form starts the tab order
