@@ -14,6 +14,7 @@ returns the first result instead of scanning twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -98,8 +99,17 @@ class _Base:
         headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
         return {"files": _files(images), "data": data, "headers": headers}
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None) -> bool:
-        return attempt < self.retries and (response is None or response.status_code in RETRYABLE_STATUSES)
+    def _retry_wait(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before trying again, or None when this answer is final."""
+        if attempt >= self.retries or (response is not None and response.status_code not in RETRYABLE_STATUSES):
+            return None
+        return _backoff(attempt, _error(response) if response is not None else None)
+
+
+def _final(response: httpx.Response | None, exc: httpx.TransportError | None) -> ScanResult:
+    if response is None:
+        raise ScanError(None, "connection_error", str(exc) or type(exc).__name__) from exc
+    return _result(response)
 
 
 class ScanClient(_Base):
@@ -123,19 +133,17 @@ class ScanClient(_Base):
         self, images: ImageInput | Sequence[ImageInput], task: str, *, locale: str | None = None
     ) -> ScanResult:
         args = self._request_args(images, task, locale)
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
+            response, exc = None, None
             try:
                 response = self._http.post("/v1/scan", **args)
-            except httpx.TransportError as exc:
-                if not self._should_retry(attempt, None):
-                    raise ScanError(None, "connection_error", str(exc) or type(exc).__name__) from exc
-                time.sleep(_backoff(attempt, None))
-            else:
-                if not self._should_retry(attempt, response):
-                    return _result(response)
-                time.sleep(_backoff(attempt, _error(response)))
-            attempt += 1
+            except httpx.TransportError as err:
+                exc = err
+            wait = self._retry_wait(attempt, response)
+            if wait is None:
+                return _final(response, exc)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def tasks(self) -> list[dict[str, Any]]:
         response = self._http.get("/v1/tasks", headers=self.headers)
@@ -166,19 +174,17 @@ class AsyncScanClient(_Base):
         self, images: ImageInput | Sequence[ImageInput], task: str, *, locale: str | None = None
     ) -> ScanResult:
         args = self._request_args(images, task, locale)
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
+            response, exc = None, None
             try:
                 response = await self._http.post("/v1/scan", **args)
-            except httpx.TransportError as exc:
-                if not self._should_retry(attempt, None):
-                    raise ScanError(None, "connection_error", str(exc) or type(exc).__name__) from exc
-                await asyncio.sleep(_backoff(attempt, None))
-            else:
-                if not self._should_retry(attempt, response):
-                    return _result(response)
-                await asyncio.sleep(_backoff(attempt, _error(response)))
-            attempt += 1
+            except httpx.TransportError as err:
+                exc = err
+            wait = self._retry_wait(attempt, response)
+            if wait is None:
+                return _final(response, exc)
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def tasks(self) -> list[dict[str, Any]]:
         response = await self._http.get("/v1/tasks", headers=self.headers)

@@ -103,3 +103,9 @@ def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
                                   "--out", str(tmp_path / "u.jsonl")])
     assert unknown.exit_code == 1
     assert json.loads((tmp_path / "u.jsonl").read_text())["error_code"] == "unknown_task"
+
+
+def test_client_reports_an_unreachable_gateway():
+    with ScanClient("http://127.0.0.1:9", retries=1) as client, pytest.raises(ScanError) as exc:
+        client.scan(shelf_jpeg(64, 48), task="storefront")
+    assert exc.value.status is None and exc.value.code == "connection_error"
