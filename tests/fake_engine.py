@@ -126,6 +126,17 @@ class FakeEngineServer:
         self.port = port
         self.url = self.engine.url = f"http://{host}:{port}"
 
+    async def _crash(self) -> None:
+        """Stop listening and cut every open connection at once, as a dying engine does."""
+        assert self._runner is not None
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._runner.server is not None:
+            for handler in list(self._runner.server.connections):
+                if handler.transport is not None:
+                    handler.transport.abort()
+        await self._runner.cleanup()
+
     def start(self) -> FakeEngineServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
@@ -135,7 +146,7 @@ class FakeEngineServer:
         if self._loop.is_closed():
             return
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            asyncio.run_coroutine_threadsafe(self._crash(), self._loop).result(60)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()

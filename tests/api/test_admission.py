@@ -32,7 +32,7 @@ def chat(text: str) -> dict:
 
 
 def test_overload_gives_only_200_and_fast_429_with_retry_after(settings, fake_engine):
-    fake_engine.answer = slow(0.3)
+    fake_engine.answer = slow(1.0)
     tight = settings.model_copy(update={"max_in_flight_per_replica": 2, "queue_limit": 2})
     with TestClient(create_app(tight)) as c, ThreadPoolExecutor(24) as pool:
         def one(i):
@@ -47,7 +47,7 @@ def test_overload_gives_only_200_and_fast_429_with_retry_after(settings, fake_en
         if r.status_code == 429:
             assert_error(r, 429, "overloaded")
             assert int(r.headers["retry-after"]) >= 1
-            assert elapsed < 0.25  # refused at once, not after waiting for the engine
+            assert elapsed < 0.6  # refused at once, not after waiting for the engine (1 s)
 
 
 def test_scans_are_admitted_too(settings, fake_engine):

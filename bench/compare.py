@@ -1,0 +1,423 @@
+"""The original design's table, measured side by side in one run on one machine.
+
+    .venv/bin/python bench/compare.py                        # full CPU run, dev model (~20 min on 2 cores)
+    .venv/bin/python bench/compare.py --model DIR --load-format dummy   # a GPU box (bench/README.md)
+
+Four systems, the same model, the same synthetic shelf photos (distinct per request, so no
+cache helps), the same task (product_scan, English prompt) and greedy decoding:
+
+    seed-before   one synchronous process, one request at a time, transformers generate
+    seed-after    async FastAPI + decode thread pool + hand-made batcher (4 / 100 ms), transformers
+    gateway       scanner gateway in front of vLLM (schema-constrained JSON)
+    vllm-direct   the gateway's own prompt and image sent straight to vLLM (the ceiling)
+
+Output length: vLLM stops when the JSON is complete; the transformers systems (random
+weights never stop) generate exactly the mean completion length vLLM produced in a
+calibration run, so every system does the same work per request on average.
+
+For each system: latency at concurrency 1; a closed-loop concurrency sweep (1, 2, 4, ...)
+whose best throughput with p95 <= SLO and errors <= 1% is "max QPS"; then an open loop at
+10x that rate: the error rate (non-200 or no answer within 2x SLO). CPU utilisation of the
+machine during the max-QPS level; GPU utilisation and memory through NVML when present.
+Writes bench/results/<name>.md, .json and .png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from scanner_gateway.cli import DEV_MAX_MODEL_LEN, cache_dir, ensure_dev_model
+from scanner_gateway.config import default_prompts_dir
+from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
+from scanner_gateway.scan.images import normalize_image
+from scanner_gateway.scan.service import build_messages, build_payload
+from scanner_gateway.scan.tasks import TaskRegistry
+from scanner_gateway.synthetic import shelf_jpeg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from passthrough import free_port, wait_http  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("seed-before", "seed-after", "gateway", "vllm-direct")
+console = Console()
+
+
+@dataclass
+class Level:
+    concurrency: int
+    qps: float
+    avg_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: int
+    requests: int
+    cpu_util: float
+    gpu_util: float | None = None
+    gpu_mem_gib: float | None = None
+
+
+@dataclass
+class SystemResult:
+    name: str
+    unloaded: Level | None = None
+    sweep: list[Level] = field(default_factory=list)
+    max_qps: float = 0.0
+    at_max: Level | None = None
+    overload_rate: float = 0.0
+    overload_error_rate: float = 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+class CpuMeter:
+    """Machine-wide CPU busy fraction between start() and stop() (/proc/stat)."""
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    def start(self) -> None:
+        self._t0 = self._read()
+
+    def stop(self) -> float:
+        busy, total = (a - b for a, b in zip(self._read(), self._t0, strict=True))
+        return busy / total if total else 0.0
+
+
+class GpuMeter:
+    """Mean GPU utilisation and peak memory while running, through NVML; None without a GPU."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.nvml = pynvml
+        except Exception:
+            self.handles = []
+
+    def sample_while(self, stop: threading.Event, out: dict) -> None:
+        utils, mem = [], 0.0
+        while not stop.wait(0.2):
+            for h in self.handles:
+                utils.append(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
+                mem = max(mem, self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+        out.update(util=statistics.mean(utils) if utils else None, mem=mem or None)
+
+
+Send = Callable[[httpx.AsyncClient, int], Awaitable[bool]]
+
+
+async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    ok = await send(client, i)
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors += 1
+                i += concurrency
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return latencies, errors
+
+
+async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> tuple[int, int]:
+    """(requests, failures) offering `rate` requests/s for `seconds`."""
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def one(i: int) -> bool:
+            try:
+                return await send(client, i)
+            except httpx.HTTPError:
+                return False
+        tasks = []
+        started = time.perf_counter()
+        for i in range(max(1, int(rate * seconds))):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        results = await asyncio.gather(*tasks)
+    return len(results), results.count(False)
+
+
+def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu: GpuMeter) -> Level:
+    cpu, stop, gpu_out = CpuMeter(), threading.Event(), {}
+    sampler = threading.Thread(target=gpu.sample_while, args=(stop, gpu_out))
+    sampler.start()
+    cpu.start()
+    started = time.perf_counter()
+    latencies, errors = asyncio.run(closed_loop(send, concurrency, seconds, timeout_s))
+    elapsed = time.perf_counter() - started
+    util = cpu.stop()
+    stop.set()
+    sampler.join()
+    return Level(concurrency, len(latencies) / elapsed, statistics.mean(latencies) if latencies else float("nan"),
+                 pct(latencies, 0.5), pct(latencies, 0.95), pct(latencies, 0.99), errors,
+                 len(latencies) + errors, util, gpu_out.get("util"), gpu_out.get("mem"))
+
+
+def run_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_s: float,
+               overload_seconds: float, gpu: GpuMeter, progress: Progress) -> SystemResult:
+    result = SystemResult(name)
+    bar = progress.add_task(f"{name}", total=len(levels) + 2)
+    result.unloaded = measure(send, 1, seconds, slo_s * 2, gpu)
+    progress.advance(bar)
+    for c in levels:
+        level = measure(send, c, seconds, slo_s * 2, gpu)
+        result.sweep.append(level)
+        progress.advance(bar)
+        meets = level.p95_ms <= slo_s * 1000 and level.errors <= 0.01 * max(level.requests, 1)
+        if meets and level.qps > result.max_qps:
+            result.max_qps, result.at_max = level.qps, level
+        if not meets or (len(result.sweep) >= 2 and level.qps < 1.05 * result.sweep[-2].qps):
+            break  # past the knee: more concurrency only adds waiting
+    progress.update(bar, total=len(result.sweep) + 2)
+    result.overload_rate = 10 * max(result.max_qps, 0.1)
+    total, failed = asyncio.run(open_loop(send, result.overload_rate, overload_seconds, slo_s * 2))
+    result.overload_error_rate = failed / total
+    progress.advance(bar)
+    return result
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    gpus = []
+    gm = GpuMeter()
+    for h in gm.handles:
+        gpus.append(gm.nvml.nvmlDeviceGetName(h))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "gpus": gpus,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "vllm_cpu_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default (1 core for the API)")}
+
+
+def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main(
+    model: str = typer.Option(None, help="Model dir (default: the dev model)."),
+    engine_url: str = typer.Option(None, help="Use this running vLLM instead of starting one."),
+    seconds: float = typer.Option(20.0, help="Seconds per sweep level."),
+    levels: str = typer.Option("2,4,8,16,32", help="Concurrency levels after the c=1 run."),
+    slo_s: float = typer.Option(20.0, help="p95 latency SLO for 'max QPS' (seconds)."),
+    overload_seconds: float = typer.Option(20.0, help="Length of the 10x overload run."),
+    photos: int = typer.Option(48, help="Distinct photos (several resolutions)."),
+    systems: str = typer.Option(",".join(SYSTEMS), help="Which systems to run."),
+    as_designed: bool = typer.Option(True, help="Also run the 12 MP view (gateway vs seed-before)."),
+    out: str = typer.Option("compare-cpu", help="Results name under bench/results/."),
+) -> None:
+    registry = TaskRegistry.load(default_prompts_dir())
+    task = registry.get("product_scan")
+    resolutions = [(1024, 768), (1600, 1200), (2000, 1500)]
+    raw = [shelf_jpeg(*resolutions[i % 3], seed=5000 + i) for i in range(photos)]
+    sized = [normalize_image(p, task.budget, max_bytes=2**26, max_pixels=10**8) for p in raw]
+    big = [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(max(4, photos // 4))]
+    model_dir = model or str(ensure_dev_model(cache_dir() / "dev-model"))
+    procs: list[subprocess.Popen] = []
+    engine = None
+    try:
+        if engine_url is None:
+            opts = EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
+                                 max_images=max(t.spec.max_images for t in registry),
+                                 max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
+                                 max_model_len=DEV_MAX_MODEL_LEN)
+            engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
+            console.print("starting vLLM ...")
+            engine.start()
+            engine.wait_healthy(900)
+            engine_url = engine.base_url
+        served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
+
+        async def vllm_direct(client: httpx.AsyncClient, i: int) -> bool:
+            img = sized[i % len(sized)]
+            payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
+            r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
+            return r.status_code == 200
+
+        # Calibrate the output length the transformers systems must match.
+        usage = []
+        with httpx.Client(timeout=300) as c:
+            for img in sized[:6]:
+                payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
+                usage.append(c.post(f"{engine_url}/v1/chat/completions", json=payload).json()["usage"]["completion_tokens"])
+        out_tokens = round(statistics.mean(usage))
+        console.print(f"vLLM answers product_scan in {out_tokens} tokens on average: the seed systems generate that many")
+
+        gw_port = free_port()
+        procs.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
+                            "--port", str(gw_port)],
+                           {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
+                            "SCANNER_MAX_QUEUE_WAIT_S": str(slo_s)}))
+        seed_ports = {}
+        for name in ("before", "after"):
+            if f"seed-{name}" in systems:
+                seed_ports[name] = free_port()
+                procs.append(start([sys.executable, "bench/seed_systems.py", name, "--model", model_dir,
+                                    "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens)]))
+        wait_http(f"http://127.0.0.1:{gw_port}/ready")
+        for port in seed_ports.values():
+            wait_http(f"http://127.0.0.1:{port}/health", timeout=300)
+
+        def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
+            async def send(client: httpx.AsyncClient, i: int) -> bool:
+                r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
+                                      data=extra)
+                return r.status_code == 200
+            return send
+
+        sized_bytes = [img.jpeg for img in sized]
+        scan_form = {"task": "product_scan", "locale": "en"}
+        senders: dict[str, Send] = {
+            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", sized_bytes, {}),
+            "seed-after": multipart(f"http://127.0.0.1:{seed_ports.get('after')}/scan", sized_bytes, {}),
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, scan_form),
+            "vllm-direct": vllm_direct,
+        }
+        chosen = [s for s in SYSTEMS if s in systems.split(",")]
+        level_list = [int(c) for c in levels.split(",") if c]
+        gpu = GpuMeter()
+        results: dict[str, SystemResult] = {}
+        designed: dict[str, SystemResult] = {}
+        with Progress(console=console) as progress:
+            for name in chosen:
+                results[name] = run_system(name, senders[name], levels=level_list, seconds=seconds, slo_s=slo_s,
+                                           overload_seconds=overload_seconds, gpu=gpu, progress=progress)
+            if as_designed:
+                for name, url, form in (("gateway", f"http://127.0.0.1:{gw_port}/v1/scan", scan_form),
+                                        ("seed-before", f"http://127.0.0.1:{seed_ports.get('before')}/scan", {})):
+                    if name in chosen:
+                        designed[name] = run_system(f"{name} (12 MP)", multipart(url, big, form), levels=level_list,
+                                                    seconds=seconds, slo_s=slo_s, overload_seconds=overload_seconds,
+                                                    gpu=gpu, progress=progress)
+        report = {"machine": machine(), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                  "seconds_per_level": seconds, "photos": photos, "resolutions": resolutions,
+                  "same_budget": {k: asdict(v) for k, v in results.items()},
+                  "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
+        write_report(report, results, designed, ROOT / "bench" / "results" / out)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        if engine is not None:
+            engine.stop()
+
+
+def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
+    return "n/a" if v is None or v != v else f"{v:{spec}}{unit}"
+
+
+def table(results: dict[str, SystemResult]) -> list[str]:
+    names = list(results)
+    rows = [
+        ("average response time (c=1)", lambda r: _fmt(r.unloaded.avg_ms, ".0f", " ms")),
+        ("p95 / p99 (c=1)", lambda r: f"{_fmt(r.unloaded.p95_ms)} / {_fmt(r.unloaded.p99_ms)} ms"),
+        ("max QPS (p95 within SLO)", lambda r: _fmt(r.max_qps, ".2f")),
+        ("p95 / p99 at max QPS", lambda r: f"{_fmt(r.at_max.p95_ms if r.at_max else None)} / "
+                                           f"{_fmt(r.at_max.p99_ms if r.at_max else None)} ms"),
+        ("concurrency at max QPS", lambda r: str(r.at_max.concurrency) if r.at_max else "n/a"),
+        ("CPU utilisation at max QPS", lambda r: _fmt(r.at_max.cpu_util * 100 if r.at_max else None, ".0f", "%")),
+        ("GPU utilisation at max QPS", lambda r: _fmt(r.at_max.gpu_util * 100 if r.at_max and r.at_max.gpu_util
+                                                      is not None else None, ".0f", "%")),
+        ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"),
+    ]
+    lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
+    return lines
+
+
+def ratios(results: dict[str, SystemResult]) -> list[str]:
+    def q(name: str) -> float:
+        return results[name].max_qps if name in results else float("nan")
+    out = []
+    for a, b in (("gateway", "vllm-direct"), ("gateway", "seed-before"), ("gateway", "seed-after")):
+        if a in results and b in results and q(b) > 0:
+            out.append(f"- max QPS {a} / {b} = {q(a) / q(b):.2f}")
+    return out
+
+
+def write_report(report: dict, results: dict[str, SystemResult], designed: dict[str, SystemResult], base: Path) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    m = report["machine"]
+    md = [f"# bench/compare.py: {report['task']}, same model, same photos, one run",
+          "",
+          f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPUs: {', '.join(m['gpus']) or 'none'}; "
+          f"vLLM CPU reserve: {m['vllm_cpu_reserved_cpu']}.",
+          f"Output: {report['output_tokens']} tokens per answer on average (vLLM's JSON; the transformers systems "
+          f"generate exactly that many). SLO for max QPS: p95 <= {report['slo_p95_s']:g} s and <= 1% errors; "
+          f"{report['seconds_per_level']:g} s per concurrency level; {report['photos']} distinct photos.",
+          "", "## Same pixel budget (architecture only: every system gets the photo already sized to the task's budget)",
+          "", *table(results), "", *ratios(results)]
+    if designed:
+        md += ["", "## As designed, 12 MP phone photos (the seed hands the full photo to the processor; "
+                   "the gateway applies the task's pixel budget)", "", *table(designed)]
+        if "gateway" in designed and "seed-before" in designed and designed["seed-before"].max_qps > 0:
+            md.append(f"\n- max QPS gateway / seed-before = "
+                      f"{designed['gateway'].max_qps / designed['seed-before'].max_qps:.2f}")
+    base.with_suffix(".md").write_text("\n".join(md) + "\n")
+    base.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    plot(results, designed, base.with_suffix(".png"))
+    console.print("\n".join(md))
+    console.print(f"written: {base}.md / .json / .png")
+
+
+def plot(results: dict[str, SystemResult], designed: dict[str, SystemResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, series in [*results.items(), *((f"{k} (12 MP)", v) for k, v in designed.items())]:
+        levels = [series.unloaded, *series.sweep]
+        ax.plot([lv.qps for lv in levels], [lv.p95_ms / 1000 for lv in levels], marker="o", label=label,
+                linestyle="--" if "12 MP" in label else "-")
+    ax.set_xlabel("throughput (scans/s)")
+    ax.set_ylabel("p95 latency (s)")
+    ax.set_title("Latency vs throughput, product_scan, one machine")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    typer.run(main)

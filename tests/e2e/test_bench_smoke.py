@@ -1,0 +1,38 @@
+"""bench/compare.py at toy scale against the session's real engine, so it cannot rot.
+No timing is asserted: only that every system ran and the report files are complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_path):
+    name = "smoke-test"
+    results = ROOT / "bench" / "results"
+    try:
+        done = subprocess.run(
+            [sys.executable, "bench/compare.py", "--engine-url", engine.base_url, "--model", str(dev_model_dir),
+             "--seconds", "2", "--levels", "2", "--overload-seconds", "2", "--photos", "4", "--slo-s", "60",
+             "--out", name],
+            cwd=ROOT, capture_output=True, text=True, timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        report = json.loads((results / f"{name}.json").read_text())
+        assert set(report["same_budget"]) == {"seed-before", "seed-after", "gateway", "vllm-direct"}
+        assert set(report["as_designed_12mp"]) == {"gateway", "seed-before"}
+        for system in report["same_budget"].values():
+            assert system["unloaded"]["requests"] >= 1 and system["sweep"]
+            assert 0.0 <= system["overload_error_rate"] <= 1.0
+        assert report["output_tokens"] > 0 and report["machine"]["cores"] >= 1
+        md = (results / f"{name}.md").read_text()
+        for row in ("average response time", "max QPS", "GPU utilisation", "error rate at 10x capacity"):
+            assert row in md
+        assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        for suffix in (".json", ".md", ".png"):
+            (results / f"{name}{suffix}").unlink(missing_ok=True)
