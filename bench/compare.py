@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,7 @@ class SystemResult:
     at_max: Level | None = None
     overload_rate: float = 0.0
     overload_error_rate: float = 0.0
+    overload_outcomes: dict[str, int] = field(default_factory=dict)  # "200", "429", "5xx", "timeout", ...
 
 
 def pct(values: list[float], q: float) -> float:
@@ -129,7 +131,7 @@ class GpuMeter:
         out.update(util=statistics.mean(utils) if utils else None, mem=mem or None)
 
 
-Send = Callable[[httpx.AsyncClient, int], Awaitable[bool]]
+Send = Callable[[httpx.AsyncClient, int], Awaitable[int]]  # -> HTTP status
 
 
 async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int]:
@@ -144,7 +146,7 @@ async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: f
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
                 try:
-                    ok = await send(client, i)
+                    ok = await send(client, i) == 200
                 except httpx.HTTPError:
                     ok = False
                 if ok:
@@ -156,15 +158,18 @@ async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: f
     return latencies, errors
 
 
-async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> tuple[int, int]:
-    """(requests, failures) offering `rate` requests/s for `seconds`."""
+async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> Counter:
+    """Outcomes ("200", "429", "5xx", "timeout", "connection", "4xx") offering `rate` requests/s."""
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def one(i: int) -> bool:
+        async def one(i: int) -> str:
             try:
-                return await send(client, i)
+                status = await send(client, i)
+            except httpx.TimeoutException:
+                return "timeout"
             except httpx.HTTPError:
-                return False
+                return "connection"
+            return "200" if status == 200 else "429" if status == 429 else f"{status // 100}xx"
         tasks = []
         started = time.perf_counter()
         for i in range(max(1, int(rate * seconds))):
@@ -172,8 +177,7 @@ async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i)))
-        results = await asyncio.gather(*tasks)
-    return len(results), results.count(False)
+        return Counter(await asyncio.gather(*tasks))
 
 
 def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu: GpuMeter) -> Level:
@@ -209,8 +213,9 @@ def run_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_
             break  # past the knee: more concurrency only adds waiting
     progress.update(bar, total=len(result.sweep) + 2)
     result.overload_rate = 10 * max(result.max_qps, 0.1)
-    total, failed = asyncio.run(open_loop(send, result.overload_rate, overload_seconds, slo_s * 2))
-    result.overload_error_rate = failed / total
+    outcomes = asyncio.run(open_loop(send, result.overload_rate, overload_seconds, slo_s * 2))
+    result.overload_outcomes = dict(outcomes)
+    result.overload_error_rate = 1 - outcomes["200"] / sum(outcomes.values())
     progress.advance(bar)
     return result
 
@@ -270,8 +275,7 @@ def main(
         async def vllm_direct(client: httpx.AsyncClient, i: int) -> bool:
             img = sized[i % len(sized)]
             payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
-            r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
-            return r.status_code == 200
+            return (await client.post(f"{engine_url}/v1/chat/completions", json=payload)).status_code
 
         # Calibrate the output length the transformers systems must match.
         usage = []
@@ -301,7 +305,7 @@ def main(
             async def send(client: httpx.AsyncClient, i: int) -> bool:
                 r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
                                       data=extra)
-                return r.status_code == 200
+                return r.status_code
             return send
 
         sized_bytes = [img.jpeg for img in sized]
@@ -357,6 +361,8 @@ def table(results: dict[str, SystemResult]) -> list[str]:
         ("GPU utilisation at max QPS", lambda r: _fmt(r.at_max.gpu_util * 100 if r.at_max and r.at_max.gpu_util
                                                       is not None else None, ".0f", "%")),
         ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"),
+        ("of which 429 / 5xx / timeout / refused", lambda r: " / ".join(
+            str(r.overload_outcomes.get(k, 0)) for k in ("429", "5xx", "timeout", "connection"))),
     ]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import typer
+from fastapi import FastAPI, File, UploadFile
 
 MAX_BATCH = 4
 BATCH_TIMEOUT_S = 0.1
@@ -133,7 +134,7 @@ class Batcher:
             while len(batch) < MAX_BATCH and (left := deadline - loop.time()) > 0:
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             images = [image for image, _ in batch]
             try:
@@ -145,10 +146,8 @@ class Batcher:
                     future.set_exception(exc)
 
 
-def build_after_app(model_dir: str, max_new_tokens: int):
+def build_after_app(model_dir: str, max_new_tokens: int) -> FastAPI:
     from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, UploadFile
 
     decode_pool = ThreadPoolExecutor(4)
     state: dict = {}
@@ -167,7 +166,7 @@ def build_after_app(model_dir: str, max_new_tokens: int):
         return {"status": "ok"}
 
     @app.post("/scan")
-    async def scan(image: UploadFile) -> dict:
+    async def scan(image: UploadFile = File(...)) -> dict:  # noqa: B008
         loop = asyncio.get_running_loop()
         picture = await loop.run_in_executor(decode_pool, decode, await image.read())
         future = loop.create_future()
