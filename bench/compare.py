@@ -41,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import typer
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import Progress
 
@@ -196,10 +197,11 @@ def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu:
                  len(latencies) + errors, util, gpu_out.get("util"), gpu_out.get("mem"))
 
 
-def run_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_s: float,
-               overload_seconds: float, gpu: GpuMeter, progress: Progress) -> SystemResult:
+def sweep_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_s: float,
+                 gpu: GpuMeter, progress: Progress) -> SystemResult:
+    """Latency at c=1, then concurrency levels until the knee or the SLO breaks."""
     result = SystemResult(name)
-    bar = progress.add_task(f"{name}", total=len(levels) + 2)
+    bar = progress.add_task(f"{name}", total=len(levels) + 1)
     result.unloaded = measure(send, 1, seconds, slo_s * 2, gpu)
     progress.advance(bar)
     for c in levels:
@@ -211,13 +213,33 @@ def run_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_
             result.max_qps, result.at_max = level.qps, level
         if not meets or (len(result.sweep) >= 2 and level.qps < 1.05 * result.sweep[-2].qps):
             break  # past the knee: more concurrency only adds waiting
-    progress.update(bar, total=len(result.sweep) + 2)
+    progress.update(bar, total=len(result.sweep) + 1, completed=len(result.sweep) + 1)
+    return result
+
+
+def overload_system(result: SystemResult, send: Send, seconds: float, slo_s: float) -> None:
+    """Open loop at 10x the system's max QPS; outcomes by kind."""
     result.overload_rate = 10 * max(result.max_qps, 0.1)
-    outcomes = asyncio.run(open_loop(send, result.overload_rate, overload_seconds, slo_s * 2))
+    outcomes = asyncio.run(open_loop(send, result.overload_rate, seconds, slo_s * 2))
     result.overload_outcomes = dict(outcomes)
     result.overload_error_rate = 1 - outcomes["200"] / sum(outcomes.values())
-    progress.advance(bar)
-    return result
+
+
+def busy_fraction(seconds: float = 1.0) -> float:
+    meter = CpuMeter()
+    meter.start()
+    time.sleep(seconds)
+    return meter.stop()
+
+
+def settle(idle_below: float, max_s: float = 180.0) -> None:
+    """Wait until the machine is quiet: work a system queued during overload (and keeps
+    doing after its clients gave up) must not slow the next measurement."""
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        if busy_fraction() < idle_below:
+            return
+    console.print(f"[yellow]machine still busy after {max_s:g} s; going on")
 
 
 def machine() -> dict:
@@ -272,10 +294,15 @@ def main(
             engine_url = engine.base_url
         served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
 
-        async def vllm_direct(client: httpx.AsyncClient, i: int) -> bool:
+        direct_finish: Counter = Counter()  # vLLM's finish reasons: "length" = a JSON cut off
+
+        async def vllm_direct(client: httpx.AsyncClient, i: int) -> int:
             img = sized[i % len(sized)]
             payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
-            return (await client.post(f"{engine_url}/v1/chat/completions", json=payload)).status_code
+            r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
+            if r.status_code == 200:
+                direct_finish[r.json()["choices"][0]["finish_reason"]] += 1
+            return r.status_code
 
         # Calibrate the output length the transformers systems must match.
         usage = []
@@ -291,15 +318,26 @@ def main(
                             "--port", str(gw_port)],
                            {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
                             "SCANNER_MAX_QUEUE_WAIT_S": str(slo_s)}))
-        seed_ports = {}
+        seed_ports: dict[str, int] = {}
+        seed_procs: dict[str, subprocess.Popen] = {}
+
+        def start_seed(name: str) -> None:
+            seed_ports.setdefault(name, free_port())
+            seed_procs[name] = start([sys.executable, "bench/seed_systems.py", name, "--model", model_dir,
+                                      "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens)])
+            procs.append(seed_procs[name])
+            wait_http(f"http://127.0.0.1:{seed_ports[name]}/health", timeout=300)
+
+        def restart_seed(name: str) -> None:
+            """A seed keeps working through its overload backlog after the clients left: restart it."""
+            seed_procs[name].kill()
+            seed_procs[name].wait()
+            start_seed(name)
+
         for name in ("before", "after"):
             if f"seed-{name}" in systems:
-                seed_ports[name] = free_port()
-                procs.append(start([sys.executable, "bench/seed_systems.py", name, "--model", model_dir,
-                                    "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens)]))
+                start_seed(name)
         wait_http(f"http://127.0.0.1:{gw_port}/ready")
-        for port in seed_ports.values():
-            wait_http(f"http://127.0.0.1:{port}/health", timeout=300)
 
         def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
             async def send(client: httpx.AsyncClient, i: int) -> bool:
@@ -321,18 +359,37 @@ def main(
         gpu = GpuMeter()
         results: dict[str, SystemResult] = {}
         designed: dict[str, SystemResult] = {}
+        designed_senders = {
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, scan_form),
+            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {}),
+        }
+        sweep = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu}
+        quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
+        console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
         with Progress(console=console) as progress:
+            # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
             for name in chosen:
-                results[name] = run_system(name, senders[name], levels=level_list, seconds=seconds, slo_s=slo_s,
-                                           overload_seconds=overload_seconds, gpu=gpu, progress=progress)
-            if as_designed:
-                for name, url, form in (("gateway", f"http://127.0.0.1:{gw_port}/v1/scan", scan_form),
-                                        ("seed-before", f"http://127.0.0.1:{seed_ports.get('before')}/scan", {})):
-                    if name in chosen:
-                        designed[name] = run_system(f"{name} (12 MP)", multipart(url, big, form), levels=level_list,
-                                                    seconds=seconds, slo_s=slo_s, overload_seconds=overload_seconds,
-                                                    gpu=gpu, progress=progress)
-        report = {"machine": machine(), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                settle(quiet)
+                results[name] = sweep_system(name, senders[name], progress=progress, **sweep)
+            for name in (n for n in designed_senders if as_designed and n in chosen):
+                settle(quiet)
+                designed[name] = sweep_system(f"{name} (12 MP)", designed_senders[name], progress=progress, **sweep)
+            bar = progress.add_task("10x overload runs", total=len(results) + len(designed))
+            for runs, send_of in ((results, senders), (designed, designed_senders)):
+                for name, result in runs.items():
+                    settle(quiet)
+                    overload_system(result, send_of[name], overload_seconds, slo_s)
+                    if name.startswith("seed-"):
+                        restart_seed(name.removeprefix("seed-"))
+                    progress.advance(bar)
+        gw_metrics = httpx.get(f"http://127.0.0.1:{gw_port}/metrics").text
+        gateway_work = {
+            name: sum(smp.value for fam in text_string_to_metric_families(gw_metrics) for smp in fam.samples
+                      if smp.name == metric)
+            for name, metric in (("scans", "scanner_scans_total"), ("retried", "scanner_scan_retries_total"),
+                                 ("invalid_answers", "scanner_structured_output_failures_total"))
+        }
+        report = {"machine": machine(), "gateway_work": gateway_work, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
                   "seconds_per_level": seconds, "photos": photos, "resolutions": resolutions,
                   "same_budget": {k: asdict(v) for k, v in results.items()},
                   "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
@@ -389,6 +446,10 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"Output: {report['output_tokens']} tokens per answer on average (vLLM's JSON; the transformers systems "
           f"generate exactly that many). SLO for max QPS: p95 <= {report['slo_p95_s']:g} s and <= 1% errors; "
           f"{report['seconds_per_level']:g} s per concurrency level; {report['photos']} distinct photos.",
+          f"Answer validity: the gateway retried {report['gateway_work']['retried']:.0f} of "
+          f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
+          f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "
+          "(every 200 counted as a success, cut or not).",
           "", "## Same pixel budget (architecture only: every system gets the photo already sized to the task's budget)",
           "", *table(results), "", *ratios(results)]
     if designed:
