@@ -131,6 +131,11 @@ class EngineUnreachable(UpstreamUnavailable):
     """No connection to the engine could be made: it is down, not just busy."""
 
 
+class EngineDropped(UpstreamUnavailable):
+    """The engine closed the connection before answering: it died, or it closed an idle
+    keep-alive connection just as we reused it (a race, not a fault)."""
+
+
 class Draining(GatewayError):
     status = 503
     code = "draining"

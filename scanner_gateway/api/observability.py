@@ -7,6 +7,7 @@ to vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ from scanner_gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("scanner_gateway.access")
 MAX_REQUEST_ID = 128
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request", in logs and metrics
 # Requests that never reach a FastAPI route (the raw chat relay, or no route at all).
 _UNROUTED = {"/v1/chat/completions": "/v1/chat/completions"}
 
@@ -67,6 +69,9 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client left and its work was cancelled
+            raise
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

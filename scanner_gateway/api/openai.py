@@ -20,6 +20,7 @@ from scanner_gateway.api.deps import (
     SettingsDep,
     error_responses,
 )
+from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.protocol import ModelCard, ModelList
 from scanner_gateway.scan import chat_adapter
 from scanner_gateway.upstream.passthrough import CHAT_PATH, PassthroughResponse
@@ -51,7 +52,7 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
     if task is None:  # not ours to judge: the engine answers, errors included
         return PassthroughResponse(request.app.state.chat_relay, body, request.headers)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
-    result = await chat_adapter.scan_as_chat(service, task, fields, priority)
+    result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority))
     if fields.get("stream"):
         return StreamingResponse(
             chat_adapter.chat_completion_chunks(result), media_type="text/event-stream"

@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from scanner_gateway.admission import parse_priority
 from scanner_gateway.api.auth import client_scope
 from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, SettingsDep, error_responses
+from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.errors import (
     ImageTooLarge,
     InvalidRequest,
@@ -121,7 +122,9 @@ async def scan(
         )
     if key is not None:  # keys are per client: two stores may pick the same one
         key = f"{client_scope(request.headers.get('authorization'))}:{key}"
-    return await service.run(task, images, locale, priority=priority, idempotency_key=key)
+    return await cancel_on_disconnect(
+        request, service.run(task, images, locale, priority=priority, idempotency_key=key)
+    )
 
 
 @router.get("/v1/tasks", responses=error_responses(401))

@@ -176,6 +176,9 @@ class ScanService:
         except GatewayError as err:
             self.metrics.scans.labels(task.name, err.code).inc()
             raise
+        except asyncio.CancelledError:
+            self.metrics.scans.labels(task.name, "client_gone").inc()
+            raise
         self.metrics.scans.labels(task.name, "ok").inc()
         self.metrics.preprocess_seconds.labels(task.name).observe(result.timings_ms.preprocess / 1000)
         self.metrics.engine_seconds.labels(task.name).observe(result.timings_ms.engine / 1000)

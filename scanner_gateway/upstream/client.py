@@ -26,6 +26,7 @@ import aiohttp
 
 from scanner_gateway.context import request_id
 from scanner_gateway.errors import (
+    EngineDropped,
     EngineError,
     EngineUnreachable,
     UpstreamTimeout,
@@ -67,7 +68,7 @@ def translate_errors(base_url: str, what: str, *, before_answer: bool = True) ->
         raise UpstreamTimeout(f"engine at {base_url} did not answer {what} in time") from exc
     except aiohttp.ClientError as exc:
         if before_answer:
-            raise UpstreamUnavailable(f"engine at {base_url} dropped the connection: {exc!r}") from exc
+            raise EngineDropped(f"engine at {base_url} dropped the connection: {exc!r}") from exc
         raise EngineError(f"connection to the engine failed during {what}: {exc!r}") from exc
 
 

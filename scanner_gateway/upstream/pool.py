@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from scanner_gateway.errors import (
+    EngineDropped,
     EngineError,
     EngineUnreachable,
     UpstreamError,
@@ -122,7 +123,9 @@ class ReplicaPool:
         try:
             await replica.client.health()
         except UpstreamError as exc:
-            self.failed(replica, exc, definitive=isinstance(exc, UpstreamUnavailable))
+            # Refused, or 503 from /health: down. A dropped or slow probe: maybe just busy.
+            down = isinstance(exc, UpstreamUnavailable) and not isinstance(exc, EngineDropped)
+            self.failed(replica, exc, definitive=down)
             return
         if not replica.healthy:
             log.info("replica %s is healthy again; re-admitted", replica.url)
@@ -173,6 +176,7 @@ class ReplicaPool:
         stream keeps its replica busy for as long as it lasts.
         """
         tried: set[int] = set()
+        redialled: set[int] = set()
         last: UpstreamError | None = None
         for attempt in range(self.max_attempts):
             replica = self._pick(tried)
@@ -190,6 +194,11 @@ class ReplicaPool:
                 except UpstreamUnavailable as exc:
                     self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
                     last = exc
+                    if isinstance(exc, EngineDropped) and replica.index not in redialled:
+                        # Likely a keep-alive connection the engine closed as we reused
+                        # it: the same replica deserves one more try on a fresh one.
+                        redialled.add(replica.index)
+                        tried.discard(replica.index)
                     continue
                 replica.failures = 0
                 yield result

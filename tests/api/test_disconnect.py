@@ -1,0 +1,27 @@
+"""A scan whose client hangs up is cancelled: its admission slot and engine request are freed
+(FAKE ENGINE that takes its time; the gateway on a real socket)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from scanner_gateway.app import create_app
+from tests.api.test_observability import value
+from tests.api.test_scan_api import PHOTO
+from tests.fake_engine import FakeReply
+from tests.helpers import serve_in_thread
+
+
+def test_scan_is_cancelled_when_the_client_leaves(settings, fake_engine):
+    fake_engine.answer = lambda _: FakeReply(delay_s=5.0)
+    with serve_in_thread(create_app(settings)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}, timeout=1.0)
+        time.sleep(0.5)  # the engine would still be "generating" for 3.5 s
+        metrics = httpx.get(f"{url}/metrics").text
+    assert value(metrics, "scanner_scans_total", task="storefront", outcome="client_gone") == 1
+    assert value(metrics, "scanner_admission_in_flight") == 0
+    assert value(metrics, "scanner_requests_total", route="/v1/scan", method="POST", status="499") == 1
