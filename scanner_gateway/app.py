@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -93,9 +94,14 @@ def create_app(settings: Settings) -> FastAPI:
             idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
             metrics=metrics,
         )
+        # Everything built so far lives as long as the process. Frozen, the collector stops
+        # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             normalizer.close()
             await pool.close()
             await session.close()
