@@ -1,6 +1,6 @@
 """The original design's table, measured side by side in one run on one machine.
 
-    .venv/bin/python bench/compare.py                        # full CPU run, dev model (~20 min on 2 cores)
+    .venv/bin/python bench/compare.py                        # full CPU run, dev model (~40 min on 2 cores)
     .venv/bin/python bench/compare.py --model DIR --load-format dummy   # a GPU box (bench/README.md)
 
 Four systems, the same model, the same synthetic shelf photos (distinct per request, so no
@@ -16,9 +16,13 @@ weights never stop) generate exactly the mean completion length vLLM produced in
 calibration run, so every system does the same work per request on average.
 
 For each system: latency at concurrency 1; a closed-loop concurrency sweep (1, 2, 4, ...)
-whose best throughput with p95 <= SLO and errors <= 1% is "max QPS"; then an open loop at
-10x that rate: the error rate (non-200 or no answer within 2x SLO). CPU utilisation of the
-machine during the max-QPS level; GPU utilisation and memory through NVML when present.
+whose best throughput with p95 <= SLO and errors <= 1% is "max QPS" (answers/s in the
+steady window, after every client's first answer). The systems take turns at each level
+(order rotated), so slow drift of the shared machine hits all of them alike. Then an open
+loop at 10x that rate: the error rate (non-200 or no answer within 2x SLO) and the answers
+within the SLO per second; the gateway runs it with admission sized from its own sweep, as
+an operator would (in-flight cap = the knee's concurrency). CPU utilisation of the machine
+during the max-QPS level; GPU utilisation and memory through NVML when present.
 Writes bench/results/<name>.md, .json and .png.
 """
 
@@ -64,7 +68,7 @@ console = Console()
 @dataclass
 class Level:
     concurrency: int
-    qps: float
+    qps: float  # answers/s in the steady window (every client past its first answer)
     avg_ms: float
     p50_ms: float
     p95_ms: float
@@ -74,6 +78,7 @@ class Level:
     cpu_util: float
     gpu_util: float | None = None
     gpu_mem_gib: float | None = None
+    steady: bool = True  # False: the level was too short for a steady window; qps is answers / wall time
 
 
 @dataclass
@@ -86,6 +91,21 @@ class SystemResult:
     overload_rate: float = 0.0
     overload_error_rate: float = 0.0
     overload_outcomes: dict[str, int] = field(default_factory=dict)  # "200", "429", "5xx", "timeout", ...
+    overload_goodput: float = 0.0  # answers within the SLO per second of the 10x run
+    overload_p95_ms: float | None = None  # of the answers (200s) during the 10x run
+    overload_settings: dict[str, str] = field(default_factory=dict)  # how the system was configured for it
+
+    def add(self, level: Level, slo_s: float) -> bool:
+        """Record a level; False once past the knee or the SLO (higher levels only add waiting)."""
+        previous = self.sweep[-1] if self.sweep else self.unloaded
+        if self.unloaded is None:
+            self.unloaded = level
+        else:
+            self.sweep.append(level)
+        meets = level.p95_ms <= slo_s * 1000 and level.errors <= 0.01 * max(level.requests, 1)
+        if meets and level.qps > self.max_qps:
+            self.max_qps, self.at_max = level.qps, level
+        return meets and (previous is None or level.qps >= 1.05 * previous.qps)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -135,8 +155,16 @@ class GpuMeter:
 Send = Callable[[httpx.AsyncClient, int], Awaitable[int]]  # -> HTTP status
 
 
-async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int]:
+async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int, float | None]:
+    """Latencies (ms) of the 200s, errors, and the answers/s in the steady window.
+
+    The steady window runs from the moment every client has had its first answer (the
+    start-up ramp is over) to the end of the level; requests still running then finish
+    and count in the latencies, not in the throughput. None: the window was too short.
+    """
     latencies: list[float] = []
+    answered_at: list[float] = []
+    first_answer: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -150,26 +178,38 @@ async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: f
                     ok = await send(client, i) == 200
                 except httpx.HTTPError:
                     ok = False
+                t1 = time.perf_counter()
                 if ok:
-                    latencies.append((time.perf_counter() - t0) * 1000)
+                    latencies.append((t1 - t0) * 1000)
+                    answered_at.append(t1)
                 else:
                     errors += 1
+                if i == w:
+                    first_answer.append(t1)
                 i += concurrency
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return latencies, errors
+    steady_from = max(first_answer) if len(first_answer) == concurrency else stop
+    if stop - steady_from < seconds / 4:
+        return latencies, errors, None
+    return latencies, errors, sum(steady_from < t <= stop for t in answered_at) / (stop - steady_from)
 
 
-async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> Counter:
-    """Outcomes ("200", "429", "5xx", "timeout", "connection", "4xx") offering `rate` requests/s."""
+async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> tuple[Counter, list[float]]:
+    """Outcomes ("200", "429", "5xx", "timeout", "connection", "4xx") offering `rate`
+    requests/s, and the latencies (ms) of the 200s."""
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    answered: list[float] = []
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         async def one(i: int) -> str:
+            t0 = time.perf_counter()
             try:
                 status = await send(client, i)
             except httpx.TimeoutException:
                 return "timeout"
             except httpx.HTTPError:
                 return "connection"
+            if status == 200:
+                answered.append((time.perf_counter() - t0) * 1000)
             return "200" if status == 200 else "429" if status == 429 else f"{status // 100}xx"
         tasks = []
         started = time.perf_counter()
@@ -178,7 +218,7 @@ async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i)))
-        return Counter(await asyncio.gather(*tasks))
+        return Counter(await asyncio.gather(*tasks)), answered
 
 
 def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu: GpuMeter) -> Level:
@@ -187,42 +227,54 @@ def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu:
     sampler.start()
     cpu.start()
     started = time.perf_counter()
-    latencies, errors = asyncio.run(closed_loop(send, concurrency, seconds, timeout_s))
+    latencies, errors, steady_qps = asyncio.run(closed_loop(send, concurrency, seconds, timeout_s))
     elapsed = time.perf_counter() - started
     util = cpu.stop()
     stop.set()
     sampler.join()
-    return Level(concurrency, len(latencies) / elapsed, statistics.mean(latencies) if latencies else float("nan"),
+    qps = steady_qps if steady_qps is not None else len(latencies) / elapsed
+    return Level(concurrency, qps, statistics.mean(latencies) if latencies else float("nan"),
                  pct(latencies, 0.5), pct(latencies, 0.95), pct(latencies, 0.99), errors,
-                 len(latencies) + errors, util, gpu_out.get("util"), gpu_out.get("mem"))
+                 len(latencies) + errors, util, gpu_out.get("util"), gpu_out.get("mem"), steady_qps is not None)
 
 
-def sweep_system(name: str, send: Send, *, levels: list[int], seconds: float, slo_s: float,
-                 gpu: GpuMeter, progress: Progress) -> SystemResult:
-    """Latency at c=1, then concurrency levels until the knee or the SLO breaks."""
-    result = SystemResult(name)
-    bar = progress.add_task(f"{name}", total=len(levels) + 1)
-    result.unloaded = measure(send, 1, seconds, slo_s * 2, gpu)
-    progress.advance(bar)
-    for c in levels:
-        level = measure(send, c, seconds, slo_s * 2, gpu)
-        result.sweep.append(level)
-        progress.advance(bar)
-        meets = level.p95_ms <= slo_s * 1000 and level.errors <= 0.01 * max(level.requests, 1)
-        if meets and level.qps > result.max_qps:
-            result.max_qps, result.at_max = level.qps, level
-        if not meets or (len(result.sweep) >= 2 and level.qps < 1.05 * result.sweep[-2].qps):
-            break  # past the knee: more concurrency only adds waiting
-    progress.update(bar, total=len(result.sweep) + 1, completed=len(result.sweep) + 1)
-    return result
+def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s: float, gpu: GpuMeter,
+          quiet: float, progress: Progress) -> dict[str, SystemResult]:
+    """Every system at c=1, then at each concurrency level, the systems taking turns (the
+    order rotates per level) so slow drift of a shared machine hits them all alike. A
+    system leaves the sweep past its knee or its SLO."""
+    results = {name: SystemResult(name) for name in senders}
+    bars = {name: progress.add_task(name, total=len(levels) + 1) for name in senders}
+    active = list(senders)
+    for step, concurrency in enumerate([1, *levels]):
+        turn = step % len(active) if active else 0
+        for name in active[turn:] + active[:turn]:
+            settle(quiet)
+            level = measure(senders[name], concurrency, seconds, slo_s * 2, gpu)
+            progress.advance(bars[name])
+            if not results[name].add(level, slo_s):
+                active.remove(name)
+                progress.update(bars[name], completed=len(levels) + 1)
+    return results
 
 
 def overload_system(result: SystemResult, send: Send, seconds: float, slo_s: float) -> None:
     """Open loop at 10x the system's max QPS; outcomes by kind."""
     result.overload_rate = 10 * max(result.max_qps, 0.1)
-    outcomes = asyncio.run(open_loop(send, result.overload_rate, seconds, slo_s * 2))
+    outcomes, answered = asyncio.run(open_loop(send, result.overload_rate, seconds, slo_s * 2))
     result.overload_outcomes = dict(outcomes)
     result.overload_error_rate = 1 - outcomes["200"] / sum(outcomes.values())
+    result.overload_goodput = sum(ms <= slo_s * 1000 for ms in answered) / seconds
+    result.overload_p95_ms = pct(answered, 0.95) if answered else None
+
+
+def admission_for(result: SystemResult, slo_s: float) -> dict[str, str]:
+    """Gateway admission sized as an operator would from the sweep: run at most the
+    knee's concurrency, and queue no longer than the SLO leaves after the knee's p95."""
+    at = result.at_max or result.unloaded
+    assert at is not None
+    return {"SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(at.concurrency),
+            "SCANNER_MAX_QUEUE_WAIT_S": f"{max(1.0, slo_s - at.p95_ms / 1000):.1f}"}
 
 
 def busy_fraction(seconds: float = 1.0) -> float:
@@ -263,7 +315,7 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
 def main(
     model: str = typer.Option(None, help="Model dir (default: the dev model)."),
     engine_url: str = typer.Option(None, help="Use this running vLLM instead of starting one."),
-    seconds: float = typer.Option(20.0, help="Seconds per sweep level."),
+    seconds: float = typer.Option(30.0, help="Seconds per sweep level."),
     levels: str = typer.Option("2,4,8,16,32", help="Concurrency levels after the c=1 run."),
     slo_s: float = typer.Option(20.0, help="p95 latency SLO for 'max QPS' (seconds)."),
     overload_seconds: float = typer.Option(20.0, help="Length of the 10x overload run."),
@@ -314,10 +366,25 @@ def main(
         console.print(f"vLLM answers product_scan in {out_tokens} tokens on average: the seed systems generate that many")
 
         gw_port = free_port()
-        procs.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
-                            "--port", str(gw_port)],
-                           {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
-                            "SCANNER_MAX_QUEUE_WAIT_S": str(slo_s)}))
+        gateway: list[subprocess.Popen] = []
+        gateway_work: Counter = Counter()  # summed over the gateway's restarts
+
+        def start_gateway(admission: dict[str, str]) -> None:
+            """(Re)start the gateway with these admission settings, its counters kept."""
+            if gateway:
+                gateway_work.update(gateway_counters(gw_port))
+                gateway[0].terminate()
+                gateway[0].wait()
+                gateway.clear()
+            gateway.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
+                                  "--port", str(gw_port)],
+                                 {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
+                                  **admission}))
+            procs.append(gateway[0])
+            wait_http(f"http://127.0.0.1:{gw_port}/ready")
+
+        # The sweeps go up to c=32: room for all of it, and a queue as long as the SLO.
+        start_gateway({"SCANNER_MAX_QUEUE_WAIT_S": str(slo_s)})
         seed_ports: dict[str, int] = {}
         seed_procs: dict[str, subprocess.Popen] = {}
 
@@ -337,7 +404,6 @@ def main(
         for name in ("before", "after"):
             if f"seed-{name}" in systems:
                 start_seed(name)
-        wait_http(f"http://127.0.0.1:{gw_port}/ready")
 
         def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
             async def send(client: httpx.AsyncClient, i: int) -> bool:
@@ -357,39 +423,37 @@ def main(
         chosen = [s for s in SYSTEMS if s in systems.split(",")]
         level_list = [int(c) for c in levels.split(",") if c]
         gpu = GpuMeter()
-        results: dict[str, SystemResult] = {}
         designed: dict[str, SystemResult] = {}
         designed_senders = {
             "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, scan_form),
             "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {}),
         }
-        sweep = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu}
+        sweep_args = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu}
         quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
         console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
         with Progress(console=console) as progress:
             # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
-            for name in chosen:
-                settle(quiet)
-                results[name] = sweep_system(name, senders[name], progress=progress, **sweep)
-            for name in (n for n in designed_senders if as_designed and n in chosen):
-                settle(quiet)
-                designed[name] = sweep_system(f"{name} (12 MP)", designed_senders[name], progress=progress, **sweep)
+            results = sweep({n: senders[n] for n in chosen}, quiet=quiet, progress=progress, **sweep_args)
+            if as_designed:
+                designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
+                    {f"{n} (12 MP)": designed_senders[n] for n in designed_senders if n in chosen},
+                    quiet=quiet, progress=progress, **sweep_args).items()}
             bar = progress.add_task("10x overload runs", total=len(results) + len(designed))
             for runs, send_of in ((results, senders), (designed, designed_senders)):
                 for name, result in runs.items():
+                    if name == "gateway":
+                        result.overload_settings = admission_for(result, slo_s)
+                        start_gateway(result.overload_settings)
                     settle(quiet)
                     overload_system(result, send_of[name], overload_seconds, slo_s)
                     if name.startswith("seed-"):
                         restart_seed(name.removeprefix("seed-"))
                     progress.advance(bar)
-        gw_metrics = httpx.get(f"http://127.0.0.1:{gw_port}/metrics").text
-        gateway_work = {
-            name: sum(smp.value for fam in text_string_to_metric_families(gw_metrics) for smp in fam.samples
-                      if smp.name == metric)
-            for name, metric in (("scans", "scanner_scans_total"), ("retried", "scanner_scan_retries_total"),
-                                 ("invalid_answers", "scanner_structured_output_failures_total"))
-        }
-        report = {"machine": machine(), "gateway_work": gateway_work, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
+        gateway_work.update(gateway_counters(gw_port))
+        report = {"machine": machine(), "gateway_work": dict(gateway_work),
+                  "gateway_overload_settings": {view: runs["gateway"].overload_settings
+                                                for view, runs in (("same budget", results), ("12 MP", designed))
+                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
                   "seconds_per_level": seconds, "photos": photos, "resolutions": resolutions,
                   "same_budget": {k: asdict(v) for k, v in results.items()},
                   "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
@@ -399,6 +463,17 @@ def main(
             proc.terminate()
         if engine is not None:
             engine.stop()
+
+
+def gateway_counters(port: int) -> Counter:
+    """Scans, retried scans and invalid answers so far, from the gateway's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return Counter({
+        name: sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+                  if smp.name == metric)
+        for name, metric in (("scans", "scanner_scans_total"), ("retried", "scanner_scan_retries_total"),
+                             ("invalid_answers", "scanner_structured_output_failures_total"))
+    })
 
 
 def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
@@ -420,6 +495,8 @@ def table(results: dict[str, SystemResult]) -> list[str]:
         ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"),
         ("of which 429 / 5xx / timeout / refused", lambda r: " / ".join(
             str(r.overload_outcomes.get(k, 0)) for k in ("429", "5xx", "timeout", "connection"))),
+        ("answers within SLO at 10x (per s)", lambda r: _fmt(r.overload_goodput, ".2f")),
+        ("p95 of answers at 10x", lambda r: _fmt(r.overload_p95_ms, ".0f", " ms")),
     ]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
@@ -445,7 +522,11 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"vLLM CPU reserve: {m['vllm_cpu_reserved_cpu']}.",
           f"Output: {report['output_tokens']} tokens per answer on average (vLLM's JSON; the transformers systems "
           f"generate exactly that many). SLO for max QPS: p95 <= {report['slo_p95_s']:g} s and <= 1% errors; "
-          f"{report['seconds_per_level']:g} s per concurrency level; {report['photos']} distinct photos.",
+          f"{report['seconds_per_level']:g} s per concurrency level, the systems taking turns at each level; "
+          "QPS = answers/s once every client had its first answer (ramp-up left out); "
+          f"{report['photos']} distinct photos.",
+          f"Gateway admission in the 10x runs, sized from its sweep (in-flight cap = the knee's concurrency, "
+          f"queue wait = SLO - the knee's p95): {report['gateway_overload_settings']}.",
           f"Answer validity: the gateway retried {report['gateway_work']['retried']:.0f} of "
           f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
           f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "
