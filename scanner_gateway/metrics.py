@@ -4,7 +4,9 @@ One `GatewayMetrics` per app, holding its own registry (tests build many apps). 
 several worker processes set `PROMETHEUS_MULTIPROC_DIR` (an empty directory shared by
 the workers; `scanner-gateway serve --workers N` sets one up): every worker writes its
 samples there and `/metrics` on any worker reports them all, summed (gauges: summed
-for in-flight and queue depth, last value written for replica state).
+for in-flight and queue depth, last value written for replica state). A worker that
+died without a clean exit is noticed at the next scrape and its in-flight and queue
+gauges stop counting.
 
 GPU utilisation and memory come from NVML (`nvidia-ml-py`) when a GPU is visible to the
 gateway (e.g. the gateway runs beside the engine); without one they are simply absent.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -37,6 +40,28 @@ PIXEL_BUCKETS = (1e5, 3e5, 1e6, 2e6, 4e6, 8e6, 12e6, 24e6, 48e6, 64e6)
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the live-summed gauges of worker processes that are gone.
+
+    A crashed worker (OOM-killed, segfault) never runs its shutdown, and its last
+    in-flight and queue values would otherwise be summed into every scrape forever.
+    """
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rpartition("_")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)
 
 
 class GpuCollector(Collector):
@@ -123,9 +148,11 @@ class GatewayMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text, from every worker in multiprocess mode."""
-        if multiprocess_dir() is None:
+        directory = multiprocess_dir()
+        if directory is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        forget_dead_workers(directory)
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        multiprocess.MultiProcessCollector(merged, directory)
         merged.register(self._gpu)
         return generate_latest(merged), CONTENT_TYPE_LATEST

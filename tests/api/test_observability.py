@@ -11,6 +11,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from scanner_gateway.metrics import GatewayMetrics
 from tests.api.test_scan_api import PHOTO, assert_error
 from tests.helpers import free_port
 
@@ -88,6 +89,29 @@ def test_multiprocess_metrics_sum_every_worker(fake_engine):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_dead_workers_in_flight_gauge_stops_counting(tmp_path, monkeypatch):
+    # Two "workers" write their in-flight gauge to a shared dir; one dies without a clean exit.
+    write = ("import sys; from prometheus_client import Gauge; "
+             "Gauge('scanner_admission_in_flight', 'x', multiprocess_mode='livesum').set(int(sys.argv[1])); "
+             "print('ready', flush=True); sys.stdin.read()")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    live = subprocess.Popen([sys.executable, "-c", write, "3"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    dead = subprocess.Popen([sys.executable, "-c", write, "7"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline() == dead.stdout.readline() == b"ready\n"
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        metrics = GatewayMetrics()
+        assert value(metrics.render()[0].decode(), "scanner_admission_in_flight") == 10
+        dead.kill()
+        dead.wait()
+        assert value(metrics.render()[0].decode(), "scanner_admission_in_flight") == 3
+        assert len(list(tmp_path.glob("gauge_livesum_*.db"))) == 1
+    finally:
+        for proc in (live, dead):
+            proc.kill()
+            proc.wait()
 
 
 def test_logs_are_json_lines_with_request_ids_and_no_image_bytes(fake_engine):
