@@ -156,21 +156,22 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
     CHAT_MODE = engine == "fake"
     width, height = (int(v) for v in size.split("x"))
     photos = [shelf_jpeg(width, height, seed=1000 + i) for i in range(photos_n)]  # distinct: no cache hits
-    registry = TaskRegistry.load(default_prompts_dir())
-    opts = EngineOptions(
-        model=str(ensure_dev_model(cache_dir() / "dev-model")), served_model_name=DEV_SERVED_NAME,
-        port=free_port(), max_images=max(t.spec.max_images for t in registry),
-        max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
-    )
-    managed = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
     procs: list[subprocess.Popen] = []
+    managed: ManagedEngine | None = None
     if CHAT_MODE:
         engine_url = start_fake(procs, fake_ms)
     else:
+        registry = TaskRegistry.load(default_prompts_dir())
+        opts = EngineOptions(
+            model=str(ensure_dev_model(cache_dir() / "dev-model")), served_model_name=DEV_SERVED_NAME,
+            port=free_port(), max_images=max(t.spec.max_images for t in registry),
+            max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
+        )
+        managed = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
         console.print("starting the dev engine (about a minute) ...")
         managed.start()
     try:
-        if not CHAT_MODE:
+        if managed is not None:
             managed.wait_healthy(900)
             engine_url = managed.base_url
         port = free_port()
@@ -223,7 +224,8 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
     finally:
         for proc in procs:
             proc.terminate()
-        managed.stop()
+        if managed is not None:
+            managed.stop()
 
 
 def start_fake(procs: list[subprocess.Popen], delay_ms: float) -> str:
