@@ -18,7 +18,9 @@ from typing import Any
 
 from scanner_gateway.client import AsyncScanClient, ScanError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".heic", ".heif", ".avif", ".gif", ".bmp", ".tif", ".tiff"}
+)
 CSV_FIELDS = ("file", "task", "status", "scan_id", "result", "error_code", "error")
 
 

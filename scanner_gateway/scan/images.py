@@ -1,5 +1,8 @@
 """Image intake: sniff, limit, decode, orient, flatten, resize to the task's budget, encode.
 
+Accepted: JPEG, PNG, WebP, HEIF/HEIC (iPhone photos), AVIF, GIF (first frame), BMP and
+TIFF (first page); whatever comes in, the engine gets a JPEG.
+
 Everything here is synchronous and CPU-bound; `ImageNormalizer` runs it in a bounded
 thread pool (Pillow releases the GIL while decoding and resizing) so the event loop
 never blocks. Output sides are multiples of 32 px (Qwen3-VL: 16 px patches merged 2x2),
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from scanner_gateway.errors import (
     ImageTooLarge,
@@ -37,8 +41,21 @@ _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "JPEG"),
     (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
     (b"WEBP", 8, "WEBP"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
 )
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
+# ISO media files (HEIC from iPhones, AVIF) name their format in the `ftyp` box's brand.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "GIF", "BMP", "TIFF")
+# Pillow plugins to try per sniffed format (a `mif1` file may hold HEVC or AV1 pictures).
+_DECODERS = {"HEIF": ["HEIF", "AVIF"], "AVIF": ["AVIF", "HEIF"]}
+
+# Pillow reads HEIF (HEIC) through the pillow-heif plugin; AVIF it reads natively.
+register_heif_opener()
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,9 @@ class NormalizedImage:
 
 
 def sniff_format(data: bytes) -> str | None:
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return "AVIF" if brand in _AVIF_BRANDS else "HEIF" if brand in _HEIF_BRANDS else None
     for magic, offset, fmt in _SIGNATURES:
         if data[offset : offset + len(magic)] == magic:
             if fmt == "WEBP" and data[:4] != b"RIFF":
@@ -152,7 +172,7 @@ def normalize_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt])
+            img = Image.open(io.BytesIO(data), formats=_DECODERS.get(fmt, [fmt]))
             # Header only so far: refuse pixel bombs before decoding a single pixel.
             if img.width * img.height > max_pixels:
                 raise ImageTooLarge(
@@ -162,6 +182,8 @@ def normalize_image(
                 )
             if img.width < 1 or img.height < 1:
                 raise InvalidImage("image has no pixels", param=param)
+            if fmt in _DECODERS:  # the plugin that could read it tells which one it was
+                fmt = img.format or fmt
             return _convert(img, fmt, len(data), budget, quality)
     except (ImageTooLarge, InvalidImage, UnsupportedMedia, InvalidRequest):
         raise
@@ -201,7 +223,10 @@ def _convert(img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quali
 
 
 def _flatten(img: Image.Image) -> Image.Image:
-    """RGB on white: transparency would otherwise turn black in JPEG."""
+    """RGB on white: transparency would otherwise turn black in JPEG. 16-bit greyscale
+    (scanners, some PNGs) is scaled down to 8 bits, not clipped to white."""
+    if img.mode.startswith("I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

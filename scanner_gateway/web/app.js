@@ -41,7 +41,7 @@ async function readError(response) {
   const hints = {
     401: "This gateway needs an API key: open \u201cAPI key\u201d below the form.",
     413: "The photo is too large: send a smaller one (under 20 MB, 64 megapixels).",
-    415: "That file is not a JPEG, PNG or WebP photo.",
+    415: "That file is not a photo the scanner reads (JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP, TIFF).",
     422: "The photo could not be read: it may be damaged or cut off.",
     429: `The scanner is busy. Try again in ${retry || "a few"} second(s).`,
     503: "No scan engine is available right now. Try again shortly.",

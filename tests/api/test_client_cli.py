@@ -15,7 +15,7 @@ from scanner_gateway.cli import app as cli
 from scanner_gateway.client import AsyncScanClient, ScanClient, ScanError
 from scanner_gateway.scan.results import ProductScan
 from tests.fake_engine import FakeReply
-from tests.helpers import serve_in_thread, shelf_jpeg
+from tests.helpers import encode, serve_in_thread, shelf_jpeg, shelf_photo
 
 runner = CliRunner()
 
@@ -66,6 +66,7 @@ def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
     for i in range(3):
         (photos / f"shelf-{i}.jpg").write_bytes(shelf_jpeg(320, 240, seed=i))
     (photos / "aisle-2" / "tags.png").write_bytes(shelf_jpeg(320, 240, seed=9))  # a JPEG named .png: fine
+    (photos / "aisle-2" / "IMG_0001.HEIC").write_bytes(encode(shelf_photo(320, 240, seed=4), "HEIF"))  # an iPhone's
     (photos / "aisle-2" / "broken.jpg").write_bytes(shelf_jpeg(320, 240)[:3000])  # cut off mid-upload
     (photos / "notes.txt").write_text("not a photo")
     out = tmp_path / "audit.jsonl"
@@ -73,19 +74,20 @@ def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
     first = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--concurrency", "3"])
     assert first.exit_code == 1, first.output  # one photo failed
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 5 and {r["task"] for r in rows} == {"product_scan"}
+    assert len(rows) == 6 and {r["task"] for r in rows} == {"product_scan"}
     by_name = {r["file"].rsplit("/", 1)[1]: r for r in rows}
     assert by_name["broken.jpg"]["status"] == "error" and by_name["broken.jpg"]["error_code"] == "invalid_image"
     assert all(by_name[f"shelf-{i}.jpg"]["status"] == "ok" for i in range(3))
+    assert by_name["IMG_0001.HEIC"]["status"] == "ok"
     assert "products" in by_name["shelf-0.jpg"]["result"]
-    assert "4 scanned, 1 failed" in first.output
+    assert "5 scanned, 1 failed" in first.output
 
     again = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out)])
-    assert again.exit_code == 0 and "5 already in" in again.output
-    assert len(out.read_text().splitlines()) == 5  # nothing scanned twice
+    assert again.exit_code == 0 and "6 already in" in again.output
+    assert len(out.read_text().splitlines()) == 6  # nothing scanned twice
 
     retry = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--retry-failed"])
-    assert retry.exit_code == 1 and "0 scanned, 1 failed, 4 already in" in retry.output
+    assert retry.exit_code == 1 and "0 scanned, 1 failed, 5 already in" in retry.output
 
 
 def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):

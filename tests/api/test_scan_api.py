@@ -66,6 +66,17 @@ def test_json_body_with_data_url_and_bare_base64(client):
     assert "fullness_pct" in r.json()["result"]
 
 
+def test_iphone_heic_and_avif_uploads_are_scanned_as_jpeg(client, fake_engine):
+    photo = Image.open(__import__("io").BytesIO(PHOTO))
+    r = client.post("/v1/scan", files=[("image", ("IMG_0042.HEIC", encode(photo, "HEIF"), "image/heic")),
+                                       ("image", ("shelf.avif", encode(photo, "AVIF"), "image/avif"))],
+                    data={"task": "shelf_audit"})
+    assert r.status_code == 200, r.text
+    assert [img["format"] for img in r.json()["images"]] == ["HEIF", "AVIF"]
+    parts = fake_engine.payloads[-1]["messages"][1]["content"]
+    assert [p["image_url"]["url"][:23] for p in parts if p["type"] == "image_url"] == ["data:image/jpeg;base64,"] * 2
+
+
 def test_truncated_answer_is_retried_with_more_tokens(client, fake_engine):
     answers = iter([completion('{"products":[{"name":"Co', "length"), completion(VALID_PRODUCTS)])
     fake_engine.answer = lambda _: next(answers)
@@ -123,7 +134,7 @@ BAD_INPUTS = [
      400, "invalid_request"),
     ("text not image", dict(files={"image": ("a.jpg", b"hello world")}, data={"task": "product_scan"}),
      415, "unsupported_media_type"),
-    ("gif", dict(files={"image": ("a.gif", encode(Image.new("RGB", (9, 9)), "GIF"))}, data={"task": "storefront"}),
+    ("pdf", dict(files={"image": ("a.pdf", encode(Image.new("RGB", (9, 9)), "PDF"))}, data={"task": "storefront"}),
      415, "unsupported_media_type"),
     ("truncated jpeg", dict(files={"image": ("a.jpg", PHOTO[:3000])}, data={"task": "product_scan"}),
      422, "invalid_image"),

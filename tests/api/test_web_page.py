@@ -81,7 +81,7 @@ def test_errors_are_shown_clearly(page, tmp_path):
     page.click("#scan-button")
     error = page.locator("#error")
     error.wait_for(state="visible")
-    assert "unsupported_media_type" in error.inner_text() and "not a JPEG" in error.inner_text()
+    assert "unsupported_media_type" in error.inner_text() and "not a photo the scanner reads" in error.inner_text()
 
 
 def test_phone_width_and_keyboard(page):

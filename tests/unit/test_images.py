@@ -1,4 +1,5 @@
 import base64
+import io
 
 import pytest
 from PIL import Image
@@ -48,7 +49,11 @@ def test_sniff_recognises_formats_by_bytes_not_names():
     assert sniff_format(encode(img, "JPEG")) == "JPEG"
     assert sniff_format(encode(img, "PNG")) == "PNG"
     assert sniff_format(encode(img, "WEBP")) == "WEBP"
-    assert sniff_format(encode(img, "GIF")) is None
+    assert sniff_format(encode(img, "GIF")) == "GIF"
+    assert sniff_format(encode(img, "HEIF")) == "HEIF"
+    assert sniff_format(encode(img, "AVIF")) == "AVIF"
+    assert sniff_format(encode(img, "PDF")) is None
+    assert sniff_format(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00") is None  # an MP4 video
     assert sniff_format(b"RIFF\x00\x00\x00\x00WAVEfmt ") is None
     assert sniff_format(b"hello") is None
 
@@ -109,7 +114,9 @@ def test_pixel_bomb_is_refused_from_the_header():
     [
         (b"", InvalidImage, 422),
         (b"not an image at all", UnsupportedMedia, 415),
-        (encode(Image.new("RGB", (8, 8)), "GIF"), UnsupportedMedia, 415),
+        (encode(Image.new("RGB", (8, 8)), "PDF"), UnsupportedMedia, 415),
+        (encode(Image.new("RGB", (8, 8)), "ICO"), UnsupportedMedia, 415),
+        (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 64, InvalidImage, 422),  # HEIC brand, garbage body
         (shelf_jpeg(640, 480)[:2000], InvalidImage, 422),  # truncated JPEG
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, InvalidImage, 422),  # PNG magic, garbage body
     ],
@@ -157,3 +164,42 @@ def test_normalizer_queue_is_bounded_and_answers_429():
     first, second, third = asyncio.run(main())
     assert first.scale.original_width == 4000 and second.scale.original_width == 4000
     assert isinstance(third, Overloaded) and third.status == 429 and third.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode", "kwargs"),
+    [
+        ("HEIF", "RGB", {}),  # iPhone photos
+        ("AVIF", "RGB", {}),
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("TIFF", "CMYK", {}),
+        ("PNG", "LA", {}),
+    ],
+)
+def test_every_accepted_format_goes_out_as_jpeg_within_budget(fmt, mode, kwargs):
+    photo = shelf_photo(1600, 1200, seed=11).convert(mode)
+    out = normalize_image(encode(photo, fmt, **kwargs), BUDGET, **LIMITS)
+    assert out.source_format == fmt
+    assert (out.scale.original_width, out.scale.original_height) == (1600, 1200)
+    sent = Image.open(io.BytesIO(out.jpeg))
+    assert sent.format == "JPEG" and sent.mode == "RGB"
+    assert sent.size == (out.scale.sent_width, out.scale.sent_height) and sent.width * sent.height <= BUDGET.max_pixels
+
+
+def test_animated_gif_sends_its_first_frame():
+    frames = [Image.new("RGB", (320, 240), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    out = normalize_image(data, BUDGET, **LIMITS)
+    r, g, b = Image.open(io.BytesIO(out.jpeg)).convert("RGB").getpixel((5, 5))
+    assert r > 200 and b < 60
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped_to_white():
+    ramp = Image.linear_gradient("L").resize((512, 512)).convert("I")
+    sixteen = ramp.point(lambda v: v * 257).convert("I;16")  # 0..65535
+    out = normalize_image(encode(sixteen, "PNG"), BUDGET, **LIMITS)
+    sent = Image.open(io.BytesIO(out.jpeg)).convert("L")
+    top, bottom = sent.getpixel((256, 5)), sent.getpixel((256, sent.height - 5))
+    assert top < 30 and bottom > 220  # the ramp survives: dark at the top, light at the bottom
