@@ -18,12 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanner_gateway.context import request_id
 from scanner_gateway.metrics import GatewayMetrics
+from scanner_gateway.upstream.passthrough import RELAYED_PATHS
 
 log = logging.getLogger("scanner_gateway.access")
 MAX_REQUEST_ID = 128
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", in logs and metrics
-# Requests that never reach a FastAPI route (the raw chat relay, or no route at all).
-_UNROUTED = {"/v1/chat/completions": "/v1/chat/completions"}
+# Requests that never reach a FastAPI route (the raw relay, or no route at all).
+_UNROUTED = {path: path for path in RELAYED_PATHS}
 
 
 # New ids: a random per-process prefix and a counter (unique without a syscall each).

@@ -4,10 +4,11 @@ The body is forwarded as received (vLLM-specific fields such as structured_outpu
 mm_processor_kwargs and priority pass untouched, nothing is parsed or re-serialised) and
 the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered.
 
-`ChatPassthrough` takes `POST /v1/chat/completions` before FastAPI sees it: FastAPI's
-request cycle (routing, dependency solving, StreamingResponse's task group) cost more
-CPU than the whole relay. Bodies that may name a `scan/<task>` model go on to the
-FastAPI route, which runs the scan (or, if the mention was elsewhere, relays after all).
+`ChatPassthrough` takes `POST /v1/chat/completions` and `POST /v1/completions` (what
+load tools such as `vllm bench serve` use) before FastAPI sees them: FastAPI's request
+cycle (routing, dependency solving, StreamingResponse's task group) cost more CPU than
+the whole relay. Chat bodies that may name a `scan/<task>` model go on to the FastAPI
+route, which runs the scan (or, if the mention was elsewhere, relays after all).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from scanner_gateway.errors import GatewayError, error_response
 from scanner_gateway.upstream.pool import ReplicaPool
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH})
 # Hop-by-hop headers are the proxy's business, not the engine's.
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
@@ -65,7 +68,7 @@ def with_priority(body: bytes, priority: int) -> bytes:
 
 
 class ChatRelay:
-    """Relays chat requests to the pool, under admission control and priorities."""
+    """Relays (chat) completion requests to the pool, under admission control and priorities."""
 
     def __init__(
         self,
@@ -80,14 +83,20 @@ class ChatRelay:
         self.engine_priorities = engine_priorities
 
     async def __call__(
-        self, body: bytes, content_type: str, priority_header: str | None, receive: Receive, send: Send
+        self,
+        body: bytes,
+        content_type: str,
+        priority_header: str | None,
+        receive: Receive,
+        send: Send,
+        path: str = CHAT_PATH,
     ) -> None:
         try:
             klass = parse_priority(priority_header, self.default_priority)
             async with self.admission.slot(klass):
                 if self.engine_priorities is not None:
                     body = with_priority(body, self.engine_priorities[klass])
-                await relay(self.pool, CHAT_PATH, body, content_type, receive, send)
+                await relay(self.pool, path, body, content_type, receive, send)
         except GatewayError as err:  # refused before anything was sent
             await error_response(err)(_http_scope(), receive, send)
 
@@ -182,13 +191,14 @@ def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
 
 
 class ChatPassthrough:
-    """Pure-ASGI fast path for `POST /v1/chat/completions` to an engine model."""
+    """Pure-ASGI fast path for `POST /v1/chat/completions` (to an engine model) and
+    `POST /v1/completions`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != CHAT_PATH or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] not in RELAYED_PATHS or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
@@ -198,7 +208,8 @@ class ChatPassthrough:
             return
         if body is None:
             return
-        if may_name_scan_model(body):
+        path = scope["path"]
+        if path == CHAT_PATH and may_name_scan_model(body):
             await self.app(scope, replay(body, receive), send)
             return
         content_type, priority = "", None
@@ -207,4 +218,4 @@ class ChatPassthrough:
                 content_type = value.decode("latin-1")
             elif name == _PRIORITY_HEADER:
                 priority = value.decode("latin-1")
-        await scope["app"].state.chat_relay(body, content_type, priority, receive, send)
+        await scope["app"].state.chat_relay(body, content_type, priority, receive, send, path)

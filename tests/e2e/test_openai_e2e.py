@@ -46,6 +46,14 @@ def test_sync_passthrough_with_vllm_fields(sdk):
     assert 0 <= json.loads(r.choices[0].message.content)["count"] <= 99  # vLLM honoured the vLLM-only field
 
 
+def test_text_completions_stream_through(sdk):
+    # The legacy completions API, as `vllm bench serve` and other load tools use it.
+    chunks = list(sdk.completions.create(model=DEV_SERVED_NAME, prompt="Aisle 4:", max_tokens=6, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert sum(1 for c in chunks if c.choices) >= 2  # relayed as it streamed, not as one body
+    assert chunks[-1].usage is not None and 1 <= chunks[-1].usage.completion_tokens <= 6
+
+
 def test_async_concurrent_passthrough(gateway_url):
     async def main():
         client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
