@@ -55,6 +55,7 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
     result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority))
     if fields.get("stream"):
         return StreamingResponse(
-            chat_adapter.chat_completion_chunks(result), media_type="text/event-stream"
+            chat_adapter.chat_completion_chunks(result, chat_adapter.wants_usage_chunk(fields)),
+            media_type="text/event-stream",
         )
     return JSONResponse(chat_adapter.chat_completion(result))

@@ -79,12 +79,20 @@ def _content(result: ScanResult) -> str:
     return json.dumps(result.model_dump(mode="json")["result"], ensure_ascii=False, separators=(",", ":"))
 
 
-async def chat_completion_chunks(result: ScanResult) -> AsyncIterator[bytes]:
-    """The whole answer as one SSE stream: role, content, finish, [DONE]."""
+def wants_usage_chunk(request: dict[str, Any]) -> bool:
+    """`stream_options: {"include_usage": true}`: a last chunk with the usage (OpenAI's rule)."""
+    options = request.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def chat_completion_chunks(result: ScanResult, include_usage: bool = False) -> AsyncIterator[bytes]:
+    """The whole answer as one SSE stream: role, content, finish, [usage,] [DONE]."""
     base = {"id": f"chatcmpl-{result.id}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": f"{SCAN_MODEL_PREFIX}{result.task}"}
     deltas = [({"role": "assistant", "content": ""}, None), ({"content": _content(result)}, None), ({}, "stop")]
-    for delta, finish in deltas:
-        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    chunks = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} for delta, finish in deltas]
+    if include_usage:
+        chunks.append({**base, "choices": [], "usage": result.usage.model_dump()})
+    for chunk in chunks:
         yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"

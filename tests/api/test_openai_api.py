@@ -117,6 +117,17 @@ def test_scan_task_as_model_streams_the_result(client):
     assert events[-1] == "[DONE]"
     content = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert "fullness_pct" in json.loads(content)
+    assert all("usage" not in json.loads(e) for e in events[:-1])  # not asked for
+
+
+def test_scan_model_stream_ends_with_usage_when_asked(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": "scan/shelf_audit", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}}]}],
+    })
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] > 0
+    assert all(e["choices"] for e in events[:-1])
 
 
 def test_scan_model_errors(client):

@@ -90,9 +90,12 @@ def test_scan_task_as_model(sdk):
 
 
 def test_scan_task_as_model_streaming(sdk):
-    stream = sdk.chat.completions.create(model="scan/storefront", messages=user("check"), stream=True)
-    content = "".join(c.choices[0].delta.content or "" for c in stream)
+    stream = sdk.chat.completions.create(model="scan/storefront", messages=user("check"), stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert json.loads(content)["status"] in ("open", "closed", "unknown")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
 def generated_tokens(engine_url: str) -> float:
