@@ -91,16 +91,24 @@ class AdmissionController:
         rank = PRIORITY_CLASSES.index(klass)
         return sum(1 for w in self._queue if w.rank == rank and not w.future.done())
 
+    def _hold_estimate_s(self, now: float) -> float:
+        """The recent average hold, unless most running requests already held their slots
+        longer: then the average is stale (a cold start, when no request has finished yet
+        to teach it, or a shift to longer requests) and their median age is the better bound."""
+        ages = sorted(now - start for start in self._started.values())
+        return max(self.avg_hold_s, ages[len(ages) // 2]) if ages else self.avg_hold_s
+
     def _expected_wait_s(self, ahead: int) -> float:
         """Wait of a request with `ahead` requests queued before it."""
         now = self._clock()
-        releases = [start + self.avg_hold_s for start in self._started.values()]
+        hold = self._hold_estimate_s(now)
+        releases = [start + hold for start in self._started.values()]
         handed_over = self.in_flight - len(releases)  # given to a waiter that has yet to start
-        releases += [now + self.avg_hold_s] * handed_over
+        releases += [now + hold] * handed_over
         releases += [now] * (self.max_in_flight - self.in_flight)
         releases.sort()
         rounds, index = divmod(ahead, self.max_in_flight)
-        return max(0.0, releases[index] - now) + rounds * self.avg_hold_s
+        return max(0.0, releases[index] - now) + rounds * hold
 
     def _export(self, queue_changed: bool = False) -> None:
         if self.metrics is None:

@@ -78,3 +78,16 @@ def test_expected_wait_follows_when_running_requests_free_their_slots():
     gate.in_flight = 1  # one slot free right now
     gate._started = {2: 0.6}
     assert gate._expected_wait_s(0) == 0.0
+
+
+def test_a_cold_start_learns_the_hold_from_the_running_requests():
+    # Just restarted: the average is the 1 s guess and nothing has finished to correct it,
+    # but both running requests have held their slots for 10 s already.
+    now = [0.0]
+    gate = AdmissionController(2, 100, max_wait_s=15, initial_hold_s=1.0, clock=lambda: now[0])
+    gate._started = {1: 0.0, 2: 0.0}
+    gate.in_flight = 2
+    now[0] = 10.0
+    assert gate._expected_wait_s(4) == pytest.approx(20.0)  # two rounds of >= 10 s, not of 1 s
+    gate.avg_hold_s = 30.0  # a learnt average longer than the ages stands
+    assert gate._expected_wait_s(4) == pytest.approx(20.0 + 2 * 30.0)
