@@ -117,6 +117,12 @@ function renderPhotos(scan, urls) {
     const img = document.createElement("img");
     img.src = urls[index];
     img.alt = `Photo ${index + 1} of ${scan.images.length} with ${scan.task.replace(/_/g, " ")} results marked`;
+    // Browsers other than Safari cannot show HEIC: keep the boxes on a blank frame of the photo's shape.
+    img.addEventListener("error", () => {
+      const blank = text("div", `This browser cannot show ${info.format} photos; the boxes are on a blank frame.`, "photo-blank");
+      blank.style.aspectRatio = `${info.width} / ${info.height}`;
+      img.replaceWith(blank);
+    });
     frame.append(img);
     for (const item of located(scan.result).filter((it) => (it.image || 0) === index)) {
       const { x1, y1, x2, y2 } = item.box;

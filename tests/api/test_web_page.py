@@ -16,7 +16,7 @@ import pytest
 
 from scanner_gateway.app import create_app
 from tests.fake_engine import completion
-from tests.helpers import serve_in_thread, shelf_jpeg
+from tests.helpers import encode, serve_in_thread, shelf_jpeg, shelf_photo
 
 CHROMIUM = os.environ.get("SCANNER_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("SCANNER_ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "artifacts"))
@@ -71,6 +71,24 @@ def test_upload_scan_and_see_table_and_boxes(page, tmp_path):
     assert page.locator("#history li").count() == 1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "scan-terminal.png"), full_page=True)
+
+
+def test_an_iphone_heic_photo_gets_its_boxes_on_a_blank_frame(page, tmp_path):
+    # Chromium cannot display HEIC; the scan still works and the boxes keep their places.
+    photo = tmp_path / "IMG_0042.HEIC"
+    photo.write_bytes(encode(shelf_photo(1600, 1200, seed=6), "HEIF"))
+    page.wait_for_selector("#task option[value=product_scan]", state="attached")
+    page.select_option("#task", "product_scan")
+    page.set_input_files("#photos", str(photo))
+    page.click("#scan-button")
+    page.wait_for_selector(".result table")
+    blank = page.locator(".photo-blank")
+    blank.wait_for(state="visible")
+    assert "HEIF" in blank.inner_text()
+    frame = blank.bounding_box()
+    assert frame["width"] / frame["height"] == pytest.approx(1600 / 1200, rel=0.02)
+    first = page.locator(".bbox").nth(0).bounding_box()
+    assert first["x"] - frame["x"] == pytest.approx(0.10 * frame["width"], abs=4)
 
 
 def test_errors_are_shown_clearly(page, tmp_path):
