@@ -32,7 +32,7 @@ from scanner_gateway.metrics import GatewayMetrics
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # first runs first
 PRIORITY_HEADER = "x-priority"
-EWMA_WEIGHT = 0.1  # each finished request moves the average hold time by 10%
+EWMA_WEIGHT = 0.1  # each finished request moves the average hold time by 10% (once warm)
 # Slots free in bursts (a batch finishes together), so a fair estimate is sometimes
 # late: a waiter we let in may wait this many times `max_wait_s` before a late 429.
 WAIT_GRACE = 3.0
@@ -78,6 +78,7 @@ class AdmissionController:
         self.max_wait_s = max_wait_s
         self.in_flight = 0
         self.avg_hold_s = initial_hold_s
+        self.finished = 0  # requests that released a slot: how much the average has learnt
         self._started: dict[int, float] = {}  # running request -> when it got its slot
         self.stats = AdmissionStats()
         self._queue: list[_Waiter] = []
@@ -142,7 +143,10 @@ class AdmissionController:
         finally:
             del self._started[token]
             held = self._clock() - started
-            self.avg_hold_s += EWMA_WEIGHT * (held - self.avg_hold_s)
+            self.finished += 1
+            # The first holds replace the initial guess quickly (a plain mean of the first
+            # ten), then the average moves 10% per request.
+            self.avg_hold_s += max(EWMA_WEIGHT, 1 / self.finished) * (held - self.avg_hold_s)
             handed_over = self._release()
             self._export(queue_changed=handed_over)
 

@@ -91,3 +91,17 @@ def test_a_cold_start_learns_the_hold_from_the_running_requests():
     assert gate._expected_wait_s(4) == pytest.approx(20.0)  # two rounds of >= 10 s, not of 1 s
     gate.avg_hold_s = 30.0  # a learnt average longer than the ages stands
     assert gate._expected_wait_s(4) == pytest.approx(20.0 + 2 * 30.0)
+
+
+def test_the_first_finished_requests_replace_the_initial_guess():
+    now = [0.0]
+    gate = AdmissionController(1, 10, max_wait_s=60, initial_hold_s=1.0, clock=lambda: now[0])
+
+    async def hold(seconds):
+        async with gate.slot("batch"):
+            now[0] += seconds
+
+    run(hold(10.0))
+    assert gate.avg_hold_s == pytest.approx(10.0)  # not 1.0 + 10% of the way
+    run(hold(20.0))
+    assert gate.avg_hold_s == pytest.approx(15.0)  # the mean of the first ones
