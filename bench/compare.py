@@ -309,9 +309,9 @@ def machine() -> dict:
             "vllm_cpu_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default (1 core for the API)")}
 
 
-def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = log.open("ab") if log is not None else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
 
 
 def main(
@@ -368,6 +368,8 @@ def main(
         console.print(f"vLLM answers product_scan in {out_tokens} tokens on average: the seed systems generate that many")
 
         gw_port = free_port()
+        gateway_log = Path(tempfile.mkdtemp(prefix="bench-compare-")) / "gateway.log"
+        console.print(f"gateway log (JSON lines, warnings and errors): {gateway_log}")
         gateway: list[subprocess.Popen] = []
         gateway_work: Counter = Counter()  # summed over the gateway's restarts
 
@@ -381,7 +383,7 @@ def main(
             gateway.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
                                   "--port", str(gw_port)],
                                  {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
-                                  **admission}))
+                                  **admission}, log=gateway_log))
             procs.append(gateway[0])
             wait_http(f"http://127.0.0.1:{gw_port}/ready")
 
@@ -468,14 +470,19 @@ def main(
 
 
 def gateway_counters(port: int) -> Counter:
-    """Scans, retried scans and invalid answers so far, from the gateway's /metrics."""
+    """Scans (and their outcomes other than ok), retried scans and invalid answers so far,
+    from the gateway's /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    return Counter({
-        name: sum(smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
-                  if smp.name == metric)
+    samples = [smp for fam in text_string_to_metric_families(text) for smp in fam.samples]
+    counts = Counter({
+        name: sum(smp.value for smp in samples if smp.name == metric)
         for name, metric in (("scans", "scanner_scans_total"), ("retried", "scanner_scan_retries_total"),
                              ("invalid_answers", "scanner_structured_output_failures_total"))
     })
+    for smp in samples:
+        if smp.name == "scanner_scans_total" and smp.labels["outcome"] != "ok":
+            counts[f"outcome {smp.labels['outcome']}"] += smp.value
+    return counts
 
 
 def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
@@ -533,6 +540,8 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
           f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "
           "(every 200 counted as a success, cut or not).",
+          "Gateway scans that did not end ok, by error code (429s included): "
+          f"{ {k.removeprefix('outcome '): int(v) for k, v in report['gateway_work'].items() if k.startswith('outcome ')} }.",
           "", "## Same pixel budget (architecture only: every system gets the photo already sized to the task's budget)",
           "", *table(results), "", *ratios(results)]
     if designed:

@@ -131,9 +131,19 @@ class EngineUnreachable(UpstreamUnavailable):
     """No connection to the engine could be made: it is down, not just busy."""
 
 
-class EngineDropped(UpstreamUnavailable):
+class EngineFlaky(UpstreamUnavailable):
+    """A connection failed in a way a busy engine can cause too: counted towards
+    ejection, never ejecting on its own, and worth one more try on a fresh connection."""
+
+
+class EngineDropped(EngineFlaky):
     """The engine closed the connection before answering: it died, or it closed an idle
     keep-alive connection just as we reused it (a race, not a fault)."""
+
+
+class EngineSlowToConnect(EngineFlaky):
+    """No connection within the connect timeout: a host or network too busy to answer
+    in time (a 2-CPU box at full load does this), not proof that the engine is down."""
 
 
 class Draining(GatewayError):

@@ -28,6 +28,7 @@ from scanner_gateway.context import request_id
 from scanner_gateway.errors import (
     EngineDropped,
     EngineError,
+    EngineSlowToConnect,
     EngineUnreachable,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -63,7 +64,7 @@ def translate_errors(base_url: str, what: str, *, before_answer: bool = True) ->
     except aiohttp.ClientConnectorError as exc:
         raise EngineUnreachable(f"engine at {base_url} is unreachable: {exc.os_error!r}") from exc
     except aiohttp.ConnectionTimeoutError as exc:
-        raise EngineUnreachable(f"engine at {base_url}: no connection in time") from exc
+        raise EngineSlowToConnect(f"engine at {base_url}: no connection in time") from exc
     except (TimeoutError, aiohttp.SocketTimeoutError) as exc:
         raise UpstreamTimeout(f"engine at {base_url} did not answer {what} in time") from exc
     except aiohttp.ClientError as exc:

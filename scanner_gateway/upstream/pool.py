@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import aiohttp
 
 from scanner_gateway.errors import (
-    EngineDropped,
     EngineError,
+    EngineFlaky,
     EngineUnreachable,
     UpstreamError,
     UpstreamUnavailable,
@@ -124,7 +124,7 @@ class ReplicaPool:
             await replica.client.health()
         except UpstreamError as exc:
             # Refused, or 503 from /health: down. A dropped or slow probe: maybe just busy.
-            down = isinstance(exc, UpstreamUnavailable) and not isinstance(exc, EngineDropped)
+            down = isinstance(exc, UpstreamUnavailable) and not isinstance(exc, EngineFlaky)
             self.failed(replica, exc, definitive=down)
             return
         if not replica.healthy:
@@ -194,9 +194,9 @@ class ReplicaPool:
                 except UpstreamUnavailable as exc:
                     self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
                     last = exc
-                    if isinstance(exc, EngineDropped) and replica.index not in redialled:
+                    if isinstance(exc, EngineFlaky) and replica.index not in redialled:
                         # Likely a keep-alive connection the engine closed as we reused
-                        # it: the same replica deserves one more try on a fresh one.
+                        # it, or a busy host: the same replica deserves one more try.
                         redialled.add(replica.index)
                         tried.discard(replica.index)
                     continue

@@ -6,6 +6,7 @@ FAKE ENGINES here (faults must be injected); tests/e2e kills a replica next to a
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ def servers():
 
 
 def gateway(servers, **overrides) -> TestClient:
-    settings = Settings(upstreams=",".join(s.url for s in servers), probe_interval_s=0.2, **overrides)
+    settings = Settings(upstreams=",".join(s.url for s in servers), **{"probe_interval_s": 0.2, **overrides})
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
@@ -79,6 +80,40 @@ def test_a_replica_that_drops_requests_is_retried_elsewhere(servers):
     servers[0].engine.answer = lambda _: FakeReply(drop=True)
     with gateway(servers, routing="round_robin") as c:
         assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(6)} == {"r1"}
+
+
+class StalledHost:
+    """A listening socket whose accept queue is full: connections time out, like a host
+    too busy to answer (no refusal, no reset)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(self.listener.getsockname())
+            self.fillers.append(filler)
+        time.sleep(0.1)
+
+    def stop(self) -> None:
+        for sock in (*self.fillers, self.listener):
+            sock.close()
+
+
+def test_a_replica_slow_to_connect_is_retried_elsewhere_but_not_ejected_at_once(servers):
+    stalled = StalledHost()
+    try:
+        # Probes far apart: only the requests' own connection timeouts count here.
+        with gateway([stalled, servers[1]], routing="round_robin", engine_connect_timeout_s=0.3,
+                     probe_interval_s=60) as c:
+            assert [who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(3)] == ["r1"] * 3
+            assert [r["healthy"] for r in c.get("/ready").json()["replicas"]] == [True, True]
+    finally:
+        stalled.stop()
 
 
 def test_all_down_is_a_fast_503_and_the_pool_recovers_by_itself(servers):
