@@ -151,7 +151,7 @@ async def kill_run(base: str, fake: subprocess.Popen, rate: float, seconds: floa
 
 
 def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4,
-         queue_wait_s: float = 0.5, photos_n: int = 64, size: str = "1024x768", fake_ms: float = 500.0) -> None:
+         queue_wait_s: float = 0.25, photos_n: int = 64, size: str = "1024x768", fake_ms: float = 500.0) -> None:
     global CHAT_MODE
     CHAT_MODE = engine == "fake"
     width, height = (int(v) for v in size.split("x"))
