@@ -58,6 +58,7 @@ from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.synthetic import shelf_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overload import pct  # noqa: E402
 from passthrough import free_port, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,11 +109,6 @@ class SystemResult:
         if meets and level.qps > self.max_qps:
             self.max_qps, self.at_max = level.qps, level
         return meets
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 class CpuMeter:
@@ -310,8 +306,11 @@ def machine() -> dict:
 
 
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    out = log.open("ab") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
 
 
 def main(
