@@ -194,8 +194,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = _HTTP_STATUS_ERRORS.get(exc.status_code, InvalidRequest)
-        err = cls(str(exc.detail))
-        err.status = exc.status_code  # keep Starlette's status even for unmapped codes
+        # keep Starlette's status even for unmapped codes, and its headers (Allow on a 405)
+        err = cls(str(exc.detail), headers=dict(exc.headers or {}))
+        err.status = exc.status_code
         return error_response(err)
 
     @app.exception_handler(Exception)

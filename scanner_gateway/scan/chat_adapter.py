@@ -50,6 +50,7 @@ def images_from_messages(messages: Any) -> list[str]:
 async def scan_as_chat(
     service: ScanService, task: str, request: dict[str, Any], priority: PriorityClass
 ) -> ScanResult:
+    service.registry.get(task)  # an unknown model is a 404 whatever the messages hold
     images = images_from_messages(request.get("messages"))
     if not images:
         raise InvalidRequest(

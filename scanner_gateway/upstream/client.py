@@ -119,18 +119,21 @@ class EngineClient:
 
         The caller relays the body and must close the response (closing the connection
         aborts the request in vLLM). A 503 raises UpstreamUnavailable (nothing reached the
-        client yet, so the pool may retry elsewhere); other engine errors are returned, so
-        a pass-through hands the engine's own error body to its client.
+        client yet, so the pool may retry elsewhere); any other 5xx raises EngineError, a
+        502 with the engine's message: to the client it is a fault of the server behind the
+        gateway (vLLM answers 500 when, say, it cannot fetch an image URL), never a 500 of
+        the gateway's own. 4xx errors are returned, so a pass-through hands the engine's
+        own error body (which names the bad field) to its client.
         """
         headers = self._headers(**{"Content-Type": content_type or "application/json"})
         with translate_errors(self.base_url, path):
             resp = await self._session.post(f"{self.base_url}{path}", data=body, headers=headers)
-            if resp.status == 503:
+            if resp.status >= 500:
                 try:
                     detail = await resp.read()
                 finally:
                     resp.close()
-                raise_for_engine_status(self.base_url, 503, detail)
+                raise_for_engine_status(self.base_url, resp.status, detail)
         return resp
 
     async def relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

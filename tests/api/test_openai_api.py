@@ -75,6 +75,18 @@ def test_engine_errors_pass_through_with_their_status(client, fake_engine):
     assert r.status_code == 400 and r.json() == err
 
 
+def test_engine_faults_are_502_in_our_shape(client, fake_engine):
+    # vLLM answers 500 when it cannot fetch an image URL: a fault behind the gateway, not in it.
+    err = {"error": {"message": "Cannot connect to host example.com:80", "type": "InternalServerError",
+                     "param": None, "code": 500}}
+    fake_engine.answer = lambda _: FakeReply.json(500, err)
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert_error(r, 502, "engine_error")
+    assert "Cannot connect to host example.com:80" in r.json()["error"]["message"]
+    chats = [got for got in fake_engine.received if got.path == "/v1/chat/completions"]
+    assert len(chats) == 1  # a 500 may be the request's own doing: not retried
+
+
 def test_engine_down_is_503_in_our_shape():
     with TestClient(create_app(Settings(upstream_url="http://127.0.0.1:9"))) as c:  # nothing on port 9
         assert_error(c.post("/v1/chat/completions", json={"model": "m", "messages": []}), 503, "upstream_unavailable")
@@ -136,6 +148,7 @@ def test_scan_model_errors(client):
     unknown = {"model": "scan/nope", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": PHOTO_URL}}]}]}
     assert_error(client.post("/v1/chat/completions", json=unknown), 404, "unknown_task")
+    assert_error(client.post("/v1/chat/completions", json={**no_image, "model": "scan/nope"}), 404, "unknown_task")
 
 
 @pytest.fixture

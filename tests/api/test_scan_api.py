@@ -168,7 +168,9 @@ def test_request_body_cap_is_413_before_reading(client):
 
 def test_routing_errors_use_the_same_shape(client):
     assert_error(client.get("/nope"), 404, "not_found")
-    assert_error(client.delete("/v1/scan"), 405, "method_not_allowed")
+    r = client.delete("/v1/scan")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods that work
 
 
 def test_tasks_listing(client):
