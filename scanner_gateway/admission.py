@@ -38,13 +38,13 @@ EWMA_WEIGHT = 0.1  # each finished request moves the average hold time by 10% (o
 WAIT_GRACE = 3.0
 
 
-def parse_priority(value: str | None, default: PriorityClass) -> PriorityClass:
+def parse_priority(value: str | None, default: PriorityClass, param: str = "X-Priority") -> PriorityClass:
     if value is None or not value.strip():
         return default
     value = value.strip().lower()
     if value not in PRIORITY_CLASSES:
         raise InvalidRequest(
-            f"X-Priority must be one of {', '.join(PRIORITY_CLASSES)}; got {value!r}", param="X-Priority"
+            f"{param} must be one of {', '.join(PRIORITY_CLASSES)}; got {value!r}", param=param
         )
     return value  # type: ignore[return-value]
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from scanner_gateway.admission import parse_priority
+from scanner_gateway.admission import PRIORITY_CLASSES, PriorityClass, parse_priority
 from scanner_gateway.api.auth import client_scope
 from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, SettingsDep, error_responses
 from scanner_gateway.api.disconnect import cancel_on_disconnect
@@ -25,7 +27,18 @@ from scanner_gateway.scan.tasks import Locale, parse_locale
 router = APIRouter(tags=["scan"])
 
 MAX_FORM_FILES = 16
-FORM_FIELDS = ("task", "locale", "image")
+FORM_FIELDS = ("task", "locale", "priority", "image")
+PRIORITY_FIELD_HELP = "interactive or batch; overrides the X-Priority header."
+
+
+@dataclass(frozen=True)
+class ScanForm:
+    """What a scan request asks for, whichever body it came in."""
+
+    task: str
+    images: Sequence[bytes | str]
+    locale: Locale | None
+    priority: str | None
 
 
 class ScanJSONRequest(BaseModel):
@@ -35,9 +48,10 @@ class ScanJSONRequest(BaseModel):
         min_length=1, max_length=MAX_FORM_FILES, description="Data URLs or bare base64 strings."
     )
     locale: Locale | None = None
+    priority: PriorityClass | None = Field(default=None, description=PRIORITY_FIELD_HELP)
 
 
-async def _from_form(request: Request, max_image_bytes: int) -> tuple[str, list[bytes], Locale | None]:
+async def _from_form(request: Request, max_image_bytes: int) -> ScanForm:
     form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES)
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
     if unknown:
@@ -59,15 +73,16 @@ async def _from_form(request: Request, max_image_bytes: int) -> tuple[str, list[
                 param="image",
             )
         images.append(await item.read())
-    return task, images, parse_locale(form.get("locale"))
+    priority = form.get("priority")
+    return ScanForm(task, images, parse_locale(form.get("locale")), priority if isinstance(priority, str) else None)
 
 
-async def _from_json(request: Request) -> tuple[str, list[str], Locale | None]:
+async def _from_json(request: Request) -> ScanForm:
     try:
         body = ScanJSONRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         raise invalid_request_from(exc.errors()) from exc
-    return body.task, body.images, body.locale
+    return ScanForm(body.task, body.images, body.locale, body.priority)
 
 
 @router.post(
@@ -83,8 +98,13 @@ async def _from_json(request: Request) -> tuple[str, list[str], Locale | None]:
                         "type": "object",
                         "required": ["task", "image"],
                         "properties": {
-                            "task": {"type": "string"},
+                            "task": {"type": "string", "minLength": 1},
                             "locale": {"type": "string", "enum": list(get_args(Locale))},
+                            "priority": {
+                                "type": "string",
+                                "enum": list(PRIORITY_CLASSES),
+                                "description": PRIORITY_FIELD_HELP,
+                            },
                             "image": {
                                 "type": "array",
                                 "items": {"type": "string", "format": "binary"},
@@ -101,7 +121,9 @@ async def scan(
     request: Request,
     service: ScanServiceDep,
     settings: SettingsDep,
-    x_priority: Annotated[str | None, Header(description="interactive (default) or batch.")] = None,
+    x_priority: Annotated[
+        str | None, Header(description="interactive (default) or batch; a `priority` field wins.")
+    ] = None,
     idempotency_key: Annotated[
         str | None, Header(description="Repeat a request with the same key to get its first result.")
     ] = None,
@@ -111,9 +133,9 @@ async def scan(
     key = check_key(idempotency_key) if idempotency_key is not None else None
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        task, images, locale = await _from_form(request, service.normalizer.max_bytes)
+        form = await _from_form(request, service.normalizer.max_bytes)
     elif content_type == "application/json":
-        task, images, locale = await _from_json(request)
+        form = await _from_json(request)
     else:
         raise UnsupportedMedia(
             f"content type {content_type or '(none)'!r} is not accepted; "
@@ -122,8 +144,9 @@ async def scan(
         )
     if key is not None:  # keys are per client: two stores may pick the same one
         key = f"{client_scope(request.headers.get('authorization'))}:{key}"
+    priority = parse_priority(form.priority, priority, param="priority")
     return await cancel_on_disconnect(
-        request, service.run(task, images, locale, priority=priority, idempotency_key=key)
+        request, service.run(form.task, form.images, form.locale, priority=priority, idempotency_key=key)
     )
 
 

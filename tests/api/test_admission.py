@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -82,6 +83,20 @@ def test_interactive_overtakes_queued_batch(settings, fake_engine):
     order = [json.loads(r.body)["messages"][0]["content"] for r in fake_engine.received if r.path.startswith("/v1/chat")]
     assert order == ["first", "urgent", "batch-0", "batch-1", "batch-2"]
     assert [json.loads(r.body)["priority"] for r in fake_engine.received if r.path.startswith("/v1/chat")][:2] == [10, 0]
+
+
+def test_scan_priority_field_overrides_the_header(client, fake_engine):
+    fake_engine.answer = slow(0)
+    batch_header = {"X-Priority": "batch"}
+    client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}, headers=batch_header)
+    client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront", "priority": "interactive"},
+                headers=batch_header)
+    photo = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
+    client.post("/v1/scan", json={"task": "storefront", "images": [photo], "priority": "batch"})
+    assert [p["priority"] for p in fake_engine.payloads] == [10, 0, 10]
+    bad = client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront", "priority": "now"})
+    assert_error(bad, 400, "invalid_request")
+    assert bad.json()["error"]["param"] == "priority"
 
 
 def test_repeated_idempotency_key_scans_once(client, fake_engine):
