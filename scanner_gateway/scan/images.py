@@ -35,6 +35,9 @@ from scanner_gateway.errors import (
 TILE = 32  # Qwen3-VL: 16 px patch x 2 spatial merge
 DEFAULT_JPEG_QUALITY = 85
 DRAFT_TOLERANCE = 0.9
+# Qwen-VL's processor refuses images whose sides differ by more than this factor (vLLM
+# then answers 400 for the whole request); checked on the size the engine would get.
+MAX_ASPECT_RATIO = 200
 
 # Magic numbers of the formats we accept; anything else is 415 before Pillow sees it.
 _SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
@@ -182,6 +185,13 @@ def normalize_image(
                 )
             if img.width < 1 or img.height < 1:
                 raise InvalidImage("image has no pixels", param=param)
+            sent_w, sent_h = target_size(img.width, img.height, budget)
+            if max(sent_w, sent_h) > MAX_ASPECT_RATIO * min(sent_w, sent_h):
+                raise InvalidImage(
+                    f"image is {img.width}x{img.height}: sides more than {MAX_ASPECT_RATIO} times "
+                    "apart are more than the model accepts; crop it into parts",
+                    param=param,
+                )
             if fmt in _DECODERS:  # the plugin that could read it tells which one it was
                 fmt = img.format or fmt
             return _convert(img, fmt, len(data), budget, quality)

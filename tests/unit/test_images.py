@@ -109,6 +109,18 @@ def test_pixel_bomb_is_refused_from_the_header():
     assert "pixels" in exc.value.message
 
 
+@pytest.mark.parametrize(("w", "h"), [(10000, 40), (40, 10000)])
+def test_slivers_the_model_refuses_are_422_not_an_engine_error(w, h):
+    with pytest.raises(InvalidImage) as exc:
+        normalize_image(encode(Image.new("RGB", (w, h)), "PNG"), BUDGET, **LIMITS)
+    assert exc.value.status == 422 and "crop" in exc.value.message
+
+
+def test_long_shelf_panoramas_within_the_models_limit_pass():
+    pano = normalize_image(encode(Image.new("RGB", (8000, 400)), "JPEG"), BUDGET, **LIMITS)
+    assert 19 < pano.scale.sent_width / pano.scale.sent_height < 22  # 20:1, give or take a tile
+
+
 @pytest.mark.parametrize(
     ("data", "error", "status"),
     [
