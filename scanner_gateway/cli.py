@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
-from scanner_gateway.bulk import BulkSummary, ResultsFile, find_images, scan_all
-from scanner_gateway.client import DEFAULT_URL, AsyncScanClient
+from scanner_gateway.bulk import IMAGE_SUFFIXES, BulkSummary, ResultsFile, find_images, scan_all
+from scanner_gateway.client import DEFAULT_URL, AsyncScanClient, ScanError
 from scanner_gateway.config import Settings
 from scanner_gateway.engine.launcher import (
     DEFAULT_ENGINE_PORT,
@@ -207,11 +207,12 @@ def scan(
     for path in missing:
         console.print(f"[yellow]not found:[/yellow] {path}")
     if not images:
-        console.print("[red]no photos found[/red] (.jpg, .jpeg, .png, .webp)")
+        console.print(f"[red]no photos found[/red] ({', '.join(sorted(IMAGE_SUFFIXES))})")
         raise typer.Exit(2)
 
     async def run() -> BulkSummary:
         async with AsyncScanClient(url, api_key=api_key, priority=priority, max_connections=concurrency) as client:
+            await _check_gateway(client, url, task)
             with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as progress:
                 bar = progress.add_task(f"{task}", total=len(images))
                 summary = await scan_all(
@@ -228,6 +229,19 @@ def scan(
     )
     if summary.failed or missing:
         raise typer.Exit(1)
+
+
+async def _check_gateway(client: AsyncScanClient, url: str, task: str) -> None:
+    """Stop before the first photo (and before writing a row) when no scan could work."""
+    try:
+        names = [t["name"] for t in await client.tasks()]
+    except ScanError as exc:
+        hint = " (pass --api-key or set SCANNER_API_KEY)" if exc.status == 401 else ""
+        console.print(f"[red]cannot use the gateway at {url}:[/red] {exc.message}{hint}")
+        raise typer.Exit(2) from exc
+    if task not in names:
+        console.print(f"[red]unknown task {task!r}[/red]; the gateway offers: {', '.join(names)}")
+        raise typer.Exit(2)
 
 
 @app.command("make-dev-model")

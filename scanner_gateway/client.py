@@ -106,10 +106,22 @@ class _Base:
         return _backoff(attempt, _error(response) if response is not None else None)
 
 
+def _unreachable(exc: httpx.TransportError | None) -> ScanError:
+    return ScanError(None, "connection_error", str(exc) or type(exc).__name__)
+
+
 def _final(response: httpx.Response | None, exc: httpx.TransportError | None) -> ScanResult:
     if response is None:
-        raise ScanError(None, "connection_error", str(exc) or type(exc).__name__) from exc
+        raise _unreachable(exc) from exc
     return _result(response)
+
+
+def _tasks(response: httpx.Response | None, exc: httpx.TransportError | None) -> list[dict[str, Any]]:
+    if response is None:
+        raise _unreachable(exc) from exc
+    if response.status_code != 200:
+        raise _error(response)
+    return response.json()["data"]
 
 
 class ScanClient(_Base):
@@ -146,10 +158,11 @@ class ScanClient(_Base):
         raise AssertionError("unreachable")
 
     def tasks(self) -> list[dict[str, Any]]:
-        response = self._http.get("/v1/tasks", headers=self.headers)
-        if response.status_code != 200:
-            raise _error(response)
-        return response.json()["data"]
+        try:
+            response = self._http.get("/v1/tasks", headers=self.headers)
+        except httpx.TransportError as exc:
+            return _tasks(None, exc)
+        return _tasks(response, None)
 
 
 class AsyncScanClient(_Base):
@@ -187,7 +200,8 @@ class AsyncScanClient(_Base):
         raise AssertionError("unreachable")
 
     async def tasks(self) -> list[dict[str, Any]]:
-        response = await self._http.get("/v1/tasks", headers=self.headers)
-        if response.status_code != 200:
-            raise _error(response)
-        return response.json()["data"]
+        try:
+            response = await self._http.get("/v1/tasks", headers=self.headers)
+        except httpx.TransportError as exc:
+            return _tasks(None, exc)
+        return _tasks(response, None)

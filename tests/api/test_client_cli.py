@@ -101,10 +101,25 @@ def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
 
     assert runner.invoke(cli, ["scan", str(photo), "--out", str(tmp_path / "r.xlsx")]).exit_code == 2
     assert runner.invoke(cli, ["scan", str(tmp_path / "nowhere"), "--out", str(out)]).exit_code == 2
+    # Runs that cannot scan anything stop before the first photo and write no rows.
     unknown = runner.invoke(cli, ["scan", str(photo), "--task", "nope", "--url", gateway,
                                   "--out", str(tmp_path / "u.jsonl")])
-    assert unknown.exit_code == 1
-    assert json.loads((tmp_path / "u.jsonl").read_text())["error_code"] == "unknown_task"
+    assert unknown.exit_code == 2 and "unknown task 'nope'" in unknown.output and "price_tags" in unknown.output
+    unreachable = runner.invoke(cli, ["scan", str(photo), "--url", "http://127.0.0.1:9",
+                                      "--out", str(tmp_path / "u.jsonl")])
+    assert unreachable.exit_code == 2 and "cannot use the gateway" in unreachable.output
+    assert not (tmp_path / "u.jsonl").exists()
+
+
+def test_scan_cli_asks_for_a_key_when_the_gateway_wants_one(settings, tmp_path):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(shelf_jpeg(320, 240))
+    with serve_in_thread(create_app(settings.model_copy(update={"api_keys": "k1"}))) as url:
+        refused = runner.invoke(cli, ["scan", str(photo), "--url", url, "--out", str(tmp_path / "r.jsonl")])
+        assert refused.exit_code == 2 and "--api-key" in refused.output
+        ok = runner.invoke(cli, ["scan", str(photo), "--url", url, "--api-key", "k1", "--task", "storefront",
+                                 "--out", str(tmp_path / "r.jsonl")])
+        assert ok.exit_code == 0, ok.output
 
 
 def test_client_reports_an_unreachable_gateway():
