@@ -21,6 +21,7 @@ from scanner_gateway.api.deps import (
     error_responses,
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
+from scanner_gateway.errors import NotFound
 from scanner_gateway.protocol import ModelCard, ModelList
 from scanner_gateway.scan import chat_adapter
 from scanner_gateway.upstream.passthrough import CHAT_PATH, PassthroughResponse
@@ -37,6 +38,17 @@ async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
         for task in registry
     ]
     return ModelList(data=cards)
+
+
+@router.get(
+    "/v1/models/{model:path}", response_model=ModelCard, responses=error_responses(401, 404, 502, 503, 504)
+)
+async def retrieve_model(model: str, pool: PoolDep, registry: RegistryDep) -> ModelCard:
+    """One model of the list (`client.models.retrieve(...)` in the OpenAI SDKs)."""
+    for card in (await list_models(pool, registry)).data:
+        if card.id == model:
+            return card
+    raise NotFound(f"model {model!r} does not exist; GET /v1/models lists them", param="model")
 
 
 @router.post(CHAT_PATH, responses=error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))

@@ -19,6 +19,13 @@ def test_models_lists_engine_models_and_scan_tasks(client):
     assert {"scan/product_scan", "scan/kitchen_compliance"} <= set(ids) and len(ids) == 6
 
 
+def test_models_can_be_retrieved_one_by_one(client):
+    card = client.get("/v1/models/scan/price_tags").json()
+    assert card == {"id": "scan/price_tags", "object": "model", "owned_by": "scanner-gateway"}
+    assert client.get(f"/v1/models/{FAKE_MODEL}").json()["id"] == FAKE_MODEL
+    assert_error(client.get("/v1/models/scan/nope"), 404, "not_found")
+
+
 def test_passthrough_forwards_the_body_byte_for_byte(settings, fake_engine):
     fake_engine.answer = lambda _: streamed(200, b'{"id": "x",', b' "object": "chat.completion"}', **{"x-engine": "1"})
     body = (b'{"model": "m",  "messages": [{"role": "user", "content": "hi"}], '

@@ -35,6 +35,10 @@ def sdk(gateway_url):
 def test_models(sdk):
     ids = [m.id for m in sdk.models.list()]
     assert DEV_SERVED_NAME in ids and "scan/product_scan" in ids
+    assert sdk.models.retrieve("scan/price_tags").owned_by == "scanner-gateway"
+    assert sdk.models.retrieve(DEV_SERVED_NAME).id == DEV_SERVED_NAME
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("scan/nope")
 
 
 def test_sync_passthrough_with_vllm_fields(sdk):
