@@ -117,8 +117,9 @@ class FakeEngineServer:
     async def _start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        # stop() acts as a crash: no grace period, in-flight requests are cut.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.0)
+        # stop() acts as a crash: no grace period, in-flight requests are cut. (Not 0:
+        # aiohttp reads a timeout of 0 as "none" and may then wait for a cut request forever.)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.01)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
@@ -136,6 +137,11 @@ class FakeEngineServer:
                 if handler.transport is not None:
                     handler.transport.abort()
         await self._runner.cleanup()
+        # Handlers of cut requests may still wait on their sleeps: end them before the loop closes.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
 
     def start(self) -> FakeEngineServer:
         self._thread.start()
