@@ -94,10 +94,16 @@ class AdmissionController:
 
     def _hold_estimate_s(self, now: float) -> float:
         """The recent average hold, unless most running requests already held their slots
-        longer: then the average is stale (a cold start, when no request has finished yet
-        to teach it, or a shift to longer requests) and their median age is the better bound."""
+        longer: then the average is stale (a shift to longer requests) and their median age
+        is the better bound. Before any request has finished (a cold start) the average is
+        only a guess and the age only a lower bound: a request that has run for t is
+        expected to run about as long again (2t), so a cold gateway under a burst does not
+        queue rounds of requests on the promise that every slot is about to free."""
         ages = sorted(now - start for start in self._started.values())
-        return max(self.avg_hold_s, ages[len(ages) // 2]) if ages else self.avg_hold_s
+        if not ages:
+            return self.avg_hold_s
+        median_age = ages[len(ages) // 2]
+        return max(self.avg_hold_s, median_age * (2 if self.finished == 0 else 1))
 
     def _expected_wait_s(self, ahead: int) -> float:
         """Wait of a request with `ahead` requests queued before it."""

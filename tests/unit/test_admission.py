@@ -88,7 +88,11 @@ def test_a_cold_start_learns_the_hold_from_the_running_requests():
     gate._started = {1: 0.0, 2: 0.0}
     gate.in_flight = 2
     now[0] = 10.0
-    assert gate._expected_wait_s(4) == pytest.approx(20.0)  # two rounds of >= 10 s, not of 1 s
+    # Each has run 10 s, so is expected to run ~10 s more (holds of 20 s): the first slot
+    # frees in 10 s, then two more rounds of 20 s; not rounds of 1 s.
+    assert gate._expected_wait_s(4) == pytest.approx(10.0 + 2 * 20.0)
+    gate.finished = 1  # once a hold was seen, the ages are just a lower bound on it
+    assert gate._expected_wait_s(4) == pytest.approx(20.0)
     gate.avg_hold_s = 30.0  # a learnt average longer than the ages stands
     assert gate._expected_wait_s(4) == pytest.approx(20.0 + 2 * 30.0)
 
