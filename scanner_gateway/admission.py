@@ -164,6 +164,10 @@ class AdmissionController:
             may_wait = min(may_wait, deadline - self._clock())
         if len(self._queue) >= self.queue_limit:
             raise self._refuse(klass, f"{len(self._queue)} requests already queued", expected)
+        if self.finished == 0 and ahead >= self.max_in_flight:
+            # Until one request has finished nobody knows how long a slot is held: queue
+            # no more than one round (a wait of one hold), not rounds on a guess.
+            raise self._refuse(klass, "no request has finished yet to time the queue by", expected)
         if expected > may_wait:
             raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
         waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())

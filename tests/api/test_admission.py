@@ -74,6 +74,8 @@ def test_interactive_overtakes_queued_batch(settings, fake_engine):
             threads.append(t)
             time.sleep(0.05)  # a fixed arrival order
 
+        c.post("/v1/chat/completions", json=chat("warm-up"))  # a cold gateway queues one round at most
+        fake_engine.received.clear()
         send("first", "batch")  # runs at once
         for i in range(3):
             send(f"batch-{i}", "batch")  # queue behind it

@@ -44,6 +44,8 @@ def test_a_waiter_that_times_out_leaves_the_queue_and_the_slot_moves_on():
             except Overloaded:
                 order.append(f"{name}:429")
 
+        await user("warm-up", 0)  # a warm gate: a cold one queues a round at most (below)
+        order.clear()
         await asyncio.gather(user("a", 0.2), user("b", 0), user("c", 0))
         assert order == ["a", "b:429", "c:429"]
         assert gate.in_flight == 0 and gate.queued() == 0
@@ -95,6 +97,34 @@ def test_a_cold_start_learns_the_hold_from_the_running_requests():
     assert gate._expected_wait_s(4) == pytest.approx(20.0)
     gate.avg_hold_s = 30.0  # a learnt average longer than the ages stands
     assert gate._expected_wait_s(4) == pytest.approx(20.0 + 2 * 30.0)
+
+
+def test_a_cold_start_queues_one_round_at_most():
+    async def main():
+        gate = AdmissionController(2, 100, max_wait_s=60)
+        release = asyncio.Event()
+
+        async def hold():
+            async with gate.slot("batch"):
+                await release.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(4)]  # 2 run, 2 wait: one round
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as exc:
+            async with gate.slot("batch"):
+                pass
+        assert "no request has finished" in exc.value.message
+        release.set()
+        await asyncio.gather(*tasks)
+        assert gate.finished == 4  # once holds are known, the wait estimate decides again
+        release.clear()
+        tasks = [asyncio.create_task(hold()) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert gate.in_flight == 2 and gate.queued() == 3
+        release.set()
+        await asyncio.gather(*tasks)
+
+    run(main())
 
 
 def test_the_first_finished_requests_replace_the_initial_guess():
