@@ -91,7 +91,8 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if priority:
             self.headers["X-Priority"] = priority
-        self.base_url = base_url.rstrip("/")
+        # The gateway's OpenAI base URL (…/v1, what SDKs are given) works here too.
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.retries = retries
 
     def _request_args(self, images: ImageInput | Sequence[ImageInput], task: str, locale: str | None) -> dict[str, Any]:

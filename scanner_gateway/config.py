@@ -24,6 +24,13 @@ def default_prompts_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "prompts"
 
 
+def engine_base_url(url: str) -> str:
+    """The engine's root URL. An OpenAI-style base URL ending in /v1 (what SDKs are given)
+    is accepted too: the gateway adds /v1/... itself and probes /health at the root."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1") if url.endswith("/v1") else url
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SCANNER_", env_file=".env", extra="ignore")
 
@@ -113,8 +120,8 @@ class Settings(BaseSettings):
 
     def upstream_urls(self) -> list[str]:
         urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
-        checked = [str(HttpUrl(u)).rstrip("/") for u in urls]  # raises on a malformed URL
-        return checked or [str(self.upstream_url).rstrip("/")]
+        checked = [engine_base_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
+        return checked or [engine_base_url(str(self.upstream_url))]
 
     def client_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

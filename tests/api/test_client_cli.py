@@ -122,6 +122,11 @@ def test_scan_cli_asks_for_a_key_when_the_gateway_wants_one(settings, tmp_path):
         assert ok.exit_code == 0, ok.output
 
 
+def test_client_takes_the_openai_base_url_too(gateway):
+    with ScanClient(f"{gateway}/v1/") as client:
+        assert {t["name"] for t in client.tasks()} >= {"price_tags", "storefront"}
+
+
 def test_client_reports_an_unreachable_gateway():
     with ScanClient("http://127.0.0.1:9", retries=1) as client, pytest.raises(ScanError) as exc:
         client.scan(shelf_jpeg(64, 48), task="storefront")
