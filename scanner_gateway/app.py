@@ -6,7 +6,8 @@ import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from scanner_gateway import __version__
@@ -113,14 +114,18 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(scan.router)
-    app.include_router(openai.router)
+    keys = settings.client_keys()
+    # ApiKeyAuth enforces the keys; this only declares them in the OpenAPI document, so
+    # clients generated from it know to send a bearer key.
+    documented_auth = [Security(HTTPBearer(auto_error=False, description="An API key"))] if keys else []
+    app.include_router(scan.router, dependencies=documented_auth)
+    app.include_router(openai.router, dependencies=documented_auth)
     app.include_router(ops.router)
     app.include_router(web.router)
     app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
-    app.add_middleware(ApiKeyAuth, keys=settings.client_keys())  # before any body is read
+    app.add_middleware(ApiKeyAuth, keys=keys)  # before any body is read
     app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
     return app
 

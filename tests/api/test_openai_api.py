@@ -177,6 +177,14 @@ def test_auth_protects_everything_but_probes(auth_client):
         assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
 
 
+def test_openapi_declares_the_bearer_key_when_keys_are_on(auth_client, client):
+    spec = auth_client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "An API key"}
+    assert spec["paths"]["/v1/scan"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "securitySchemes" not in client.get("/openapi.json").json().get("components", {})
+
+
 @pytest.mark.parametrize("key", ["k1", "k2", "file-key"])
 def test_auth_accepts_every_configured_key(auth_client, key):
     assert auth_client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
