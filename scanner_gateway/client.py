@@ -117,9 +117,7 @@ def _final(response: httpx.Response | None, exc: httpx.TransportError | None) ->
     return _result(response)
 
 
-def _tasks(response: httpx.Response | None, exc: httpx.TransportError | None) -> list[dict[str, Any]]:
-    if response is None:
-        raise _unreachable(exc) from exc
+def _tasks(response: httpx.Response) -> list[dict[str, Any]]:
     if response.status_code != 200:
         raise _error(response)
     return response.json()["data"]
@@ -162,8 +160,8 @@ class ScanClient(_Base):
         try:
             response = self._http.get("/v1/tasks", headers=self.headers)
         except httpx.TransportError as exc:
-            return _tasks(None, exc)
-        return _tasks(response, None)
+            raise _unreachable(exc) from exc
+        return _tasks(response)
 
 
 class AsyncScanClient(_Base):
@@ -204,5 +202,5 @@ class AsyncScanClient(_Base):
         try:
             response = await self._http.get("/v1/tasks", headers=self.headers)
         except httpx.TransportError as exc:
-            return _tasks(None, exc)
-        return _tasks(response, None)
+            raise _unreachable(exc) from exc
+        return _tasks(response)

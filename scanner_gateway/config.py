@@ -27,8 +27,7 @@ def default_prompts_dir() -> Path:
 def engine_base_url(url: str) -> str:
     """The engine's root URL. An OpenAI-style base URL ending in /v1 (what SDKs are given)
     is accepted too: the gateway adds /v1/... itself and probes /health at the root."""
-    url = url.rstrip("/")
-    return url.removesuffix("/v1") if url.endswith("/v1") else url
+    return url.rstrip("/").removesuffix("/v1")
 
 
 class Settings(BaseSettings):
