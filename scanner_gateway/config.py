@@ -117,6 +117,15 @@ class Settings(BaseSettings):
             env[f"SCANNER_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         return env
 
+    def for_one_of(self, workers: int) -> Settings:
+        """The settings of one of `workers` processes: each admits its share of the
+        in-flight cap and of the queue, so the engines see the cap the operator set (not
+        workers x cap). Rounded down, at least one slot each."""
+        return self.model_copy(update={
+            "max_in_flight_per_replica": max(1, self.max_in_flight_per_replica // workers),
+            "queue_limit": self.queue_limit // workers,
+        })
+
     def upstream_urls(self) -> list[str]:
         urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
         checked = [engine_base_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL

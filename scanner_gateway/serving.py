@@ -9,6 +9,8 @@ and a second signal stops at once.
 
 from __future__ import annotations
 
+import logging
+import logging.config
 import os
 import shutil
 import signal
@@ -21,6 +23,8 @@ from fastapi import FastAPI
 
 from scanner_gateway.config import Settings
 from scanner_gateway.logs import logging_config
+
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
@@ -61,7 +65,13 @@ def run_gateway(settings: Settings, workers: int = 1) -> None:
     # Worker processes build their own app from the environment: hand them our settings,
     # and a directory where each writes its metrics for /metrics to merge. (uvicorn's
     # supervisor forwards SIGTERM to the workers at once: no drain period here.)
-    os.environ.update(settings.as_env())
+    share = settings.for_one_of(workers)
+    logging.config.dictConfig(common["log_config"])  # this supervisor logs before uvicorn does
+    log.info(
+        "%d workers share the admission limits: each runs up to %d per replica and queues up to %d",
+        workers, share.max_in_flight_per_replica, share.queue_limit,
+    )
+    os.environ.update(share.as_env())
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     if own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="scanner-metrics-")

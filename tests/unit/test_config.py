@@ -25,3 +25,12 @@ def test_single_upstream_url_is_normalised_too():
 def test_a_malformed_upstream_stops_startup():
     with pytest.raises(ValidationError):
         Settings(upstreams="engine:8000 oops").upstream_urls()
+
+
+@pytest.mark.parametrize(
+    ("cap", "queue", "workers", "each"),
+    [(8, 256, 2, (4, 128)), (8, 256, 3, (2, 85)), (2, 3, 4, (1, 0)), (32, 256, 1, (32, 256))],
+)
+def test_workers_share_the_admission_limits(cap, queue, workers, each):
+    share = Settings(max_in_flight_per_replica=cap, queue_limit=queue).for_one_of(workers)
+    assert (share.max_in_flight_per_replica, share.queue_limit) == each
