@@ -4,8 +4,8 @@ The body is forwarded as received (vLLM-specific fields such as structured_outpu
 mm_processor_kwargs and priority pass untouched, nothing is parsed or re-serialised) and
 the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered.
 
-`ChatPassthrough` takes `POST /v1/chat/completions` and `POST /v1/completions` (what
-load tools such as `vllm bench serve` use) before FastAPI sees them: FastAPI's request
+`ChatPassthrough` takes `POST /v1/chat/completions`, `POST /v1/completions` (what
+load tools such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees them: FastAPI's request
 cycle (routing, dependency solving, StreamingResponse's task group) cost more CPU than
 the whole relay. Chat bodies that may name a `scan/<task>` model go on to the FastAPI
 route, which runs the scan (or, if the mention was elsewhere, relays after all).
@@ -31,7 +31,8 @@ from scanner_gateway.upstream.pool import ReplicaPool
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH})
+RESPONSES_PATH = "/v1/responses"  # the OpenAI SDKs' `client.responses.create`, which vLLM serves
+RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})
 # Hop-by-hop headers are the proxy's business, not the engine's.
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
@@ -191,8 +192,8 @@ def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
 
 
 class ChatPassthrough:
-    """Pure-ASGI fast path for `POST /v1/chat/completions` (to an engine model) and
-    `POST /v1/completions`."""
+    """Pure-ASGI fast path for `POST /v1/chat/completions` (to an engine model),
+    `POST /v1/completions` and `POST /v1/responses`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -39,15 +39,20 @@ def test_passthrough_forwards_the_body_byte_for_byte(settings, fake_engine):
     assert sent.headers["authorization"] == "Bearer engine-secret"
 
 
-def test_text_completions_are_relayed_too(client, fake_engine):
+@pytest.mark.parametrize(("path", "body", "kind"), [
     # What `vllm bench serve` and other load tools send by default.
-    fake_engine.answer = lambda _: FakeReply.json(200, {"id": "cmpl-1", "object": "text_completion"})
-    body = {"model": "m", "prompt": "scan/product_scan is only a chat model", "max_tokens": 4}
-    r = client.post("/v1/completions", json=body, headers={"X-Priority": "interactive"})
-    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    ("/v1/completions", {"model": "m", "prompt": "scan/product_scan is only a chat model", "max_tokens": 4},
+     "text_completion"),
+    # The newer OpenAI SDKs' client.responses.create.
+    ("/v1/responses", {"model": "m", "input": "hello", "max_output_tokens": 4}, "response"),
+])
+def test_completions_and_responses_are_relayed_too(client, fake_engine, path, body, kind):
+    fake_engine.answer = lambda _: FakeReply.json(200, {"id": "x-1", "object": kind})
+    r = client.post(path, json=body, headers={"X-Priority": "interactive"})
+    assert r.status_code == 200 and r.json()["object"] == kind
     sent = fake_engine.received[-1]
-    assert sent.path == "/v1/completions" and json.loads(sent.body) == {**body, "priority": 0}
-    assert client.get("/metrics").text.count('route="/v1/completions"') >= 1
+    assert sent.path == path and json.loads(sent.body) == {**body, "priority": 0}
+    assert client.get("/metrics").text.count(f'route="{path}"') >= 1
 
 
 @pytest.mark.parametrize(("request_body", "header", "engine_priority"), [
