@@ -172,6 +172,14 @@ def error_response(err: GatewayError) -> JSONResponse:
     )
 
 
+def log_if_server_side(err: GatewayError) -> GatewayError:
+    """A 5xx answered to a client is logged with its cause (the access log has only the
+    status); 4xx are the client's business and stay out of the log."""
+    if err.status >= 500:
+        log.warning("answered %d %s: %s", err.status, err.code, err.message)
+    return err
+
+
 def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
     """A 400 naming the first of pydantic's/FastAPI's validation errors."""
     first = errors[0] if errors else {}
@@ -185,7 +193,7 @@ def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(log_if_server_side(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

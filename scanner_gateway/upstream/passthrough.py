@@ -26,7 +26,7 @@ from scanner_gateway.admission import (
     PriorityClass,
     parse_priority,
 )
-from scanner_gateway.errors import GatewayError, error_response
+from scanner_gateway.errors import GatewayError, error_response, log_if_server_side
 from scanner_gateway.upstream.pool import ReplicaPool
 
 CHAT_PATH = "/v1/chat/completions"
@@ -99,7 +99,7 @@ class ChatRelay:
                     body = with_priority(body, self.engine_priorities[klass])
                 await relay(self.pool, path, body, content_type, receive, send)
         except GatewayError as err:  # refused before anything was sent
-            await error_response(err)(_http_scope(), receive, send)
+            await error_response(log_if_server_side(err))(_http_scope(), receive, send)
 
 
 async def relay(

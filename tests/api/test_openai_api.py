@@ -87,7 +87,7 @@ def test_engine_errors_pass_through_with_their_status(client, fake_engine):
     assert r.status_code == 400 and r.json() == err
 
 
-def test_engine_faults_are_502_in_our_shape(client, fake_engine):
+def test_engine_faults_are_502_in_our_shape(client, fake_engine, caplog):
     # vLLM answers 500 when it cannot fetch an image URL: a fault behind the gateway, not in it.
     err = {"error": {"message": "Cannot connect to host example.com:80", "type": "InternalServerError",
                      "param": None, "code": 500}}
@@ -97,12 +97,16 @@ def test_engine_faults_are_502_in_our_shape(client, fake_engine):
     assert "Cannot connect to host example.com:80" in r.json()["error"]["message"]
     chats = [got for got in fake_engine.received if got.path == "/v1/chat/completions"]
     assert len(chats) == 1  # a 500 may be the request's own doing: not retried
+    logged = [r.getMessage() for r in caplog.records if r.name == "scanner_gateway.errors"]
+    assert any(m.startswith("answered 502 engine_error") and "example.com" in m for m in logged)
 
 
-def test_engine_down_is_503_in_our_shape():
+def test_engine_down_is_503_in_our_shape(caplog):
     with TestClient(create_app(Settings(upstream_url="http://127.0.0.1:9"))) as c:  # nothing on port 9
         assert_error(c.post("/v1/chat/completions", json={"model": "m", "messages": []}), 503, "upstream_unavailable")
         assert_error(c.get("/v1/models"), 503, "upstream_unavailable")
+    answered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answered 503")]
+    assert len(answered) == 2  # every 5xx is logged with its cause (relay and routes alike)
 
 
 @pytest.mark.parametrize("body", [b"{", b"[]", b'{"messages": []}', b'{"model": "scan/', b'["scan/x"]'])
