@@ -8,6 +8,8 @@ Starlette's HTTP exceptions, or a bug (500, message hidden).
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -18,7 +20,40 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanner_gateway.protocol import ErrorBody, ErrorResponse
 
+SERVER_ERROR_LOG_INTERVAL_S = 1.0
+
+
+ANSWERED = "answered %d %s: %s"  # status, code, message
+
+
+class ServerErrorThrottle(logging.Filter):
+    """Lets one "answered 5xx" line per (status, code) through per interval and counts
+    the rest into the next one: an engine outage at hundreds of requests per second must
+    not become hundreds of identical warnings per second. Other records pass."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[Any, ...], float] = {}
+        self._held: Counter[tuple[Any, ...]] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != ANSWERED or not isinstance(record.args, tuple):
+            return True
+        key = record.args[:2]
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            self._held[key] += 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it since the last such line)"
+        return True
+
+
 log = logging.getLogger(__name__)
+log.addFilter(ServerErrorThrottle(SERVER_ERROR_LOG_INTERVAL_S))
 
 
 class GatewayError(Exception):
@@ -176,7 +211,7 @@ def log_if_server_side(err: GatewayError) -> GatewayError:
     """A 5xx answered to a client is logged with its cause (the access log has only the
     status); 4xx are the client's business and stay out of the log."""
     if err.status >= 500:
-        log.warning("answered %d %s: %s", err.status, err.code, err.message)
+        log.warning(ANSWERED, err.status, err.code, err.message)
     return err
 
 

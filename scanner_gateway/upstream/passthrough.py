@@ -5,9 +5,9 @@ mm_processor_kwargs and priority pass untouched, nothing is parsed or re-seriali
 the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered.
 
 `ChatPassthrough` takes `POST /v1/chat/completions`, `POST /v1/completions` (what
-load tools such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees them: FastAPI's request
-cycle (routing, dependency solving, StreamingResponse's task group) cost more CPU than
-the whole relay. Chat bodies that may name a `scan/<task>` model go on to the FastAPI
+load tools such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees
+them: FastAPI's request cycle (routing, dependency solving, StreamingResponse's task
+group) cost more CPU than the whole relay. Chat bodies that may name a `scan/<task>` model go on to the FastAPI
 route, which runs the scan (or, if the mention was elsewhere, relays after all).
 """
 

@@ -1,11 +1,13 @@
 import base64
 import json
+import logging
 
 import pytest
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
 from scanner_gateway.config import Settings
+from scanner_gateway.errors import ServerErrorThrottle
 from tests.api.test_scan_api import assert_error
 from tests.fake_engine import FAKE_MODEL, FakeEngine, FakeReply, streamed
 from tests.helpers import shelf_jpeg
@@ -87,7 +89,15 @@ def test_engine_errors_pass_through_with_their_status(client, fake_engine):
     assert r.status_code == 400 and r.json() == err
 
 
-def test_engine_faults_are_502_in_our_shape(client, fake_engine, caplog):
+@pytest.fixture
+def unthrottled(monkeypatch):
+    """Every "answered 5xx" line logged, whatever earlier tests logged in the last second."""
+    errors_log = logging.getLogger("scanner_gateway.errors")
+    throttle = next(f for f in errors_log.filters if isinstance(f, ServerErrorThrottle))
+    monkeypatch.setattr(throttle, "interval_s", 0.0)
+
+
+def test_engine_faults_are_502_in_our_shape(client, fake_engine, caplog, unthrottled):
     # vLLM answers 500 when it cannot fetch an image URL: a fault behind the gateway, not in it.
     err = {"error": {"message": "Cannot connect to host example.com:80", "type": "InternalServerError",
                      "param": None, "code": 500}}
@@ -101,7 +111,7 @@ def test_engine_faults_are_502_in_our_shape(client, fake_engine, caplog):
     assert any(m.startswith("answered 502 engine_error") and "example.com" in m for m in logged)
 
 
-def test_engine_down_is_503_in_our_shape(caplog):
+def test_engine_down_is_503_in_our_shape(caplog, unthrottled):
     with TestClient(create_app(Settings(upstream_url="http://127.0.0.1:9"))) as c:  # nothing on port 9
         assert_error(c.post("/v1/chat/completions", json={"model": "m", "messages": []}), 503, "upstream_unavailable")
         assert_error(c.get("/v1/models"), 503, "upstream_unavailable")
