@@ -21,8 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scanner_gateway.protocol import ErrorBody, ErrorResponse
 
 SERVER_ERROR_LOG_INTERVAL_S = 1.0
-
-
 ANSWERED = "answered %d %s: %s"  # status, code, message
 
 

@@ -185,16 +185,9 @@ def normalize_image(
                 )
             if img.width < 1 or img.height < 1:
                 raise InvalidImage("image has no pixels", param=param)
-            sent_w, sent_h = target_size(img.width, img.height, budget)
-            if max(sent_w, sent_h) > MAX_ASPECT_RATIO * min(sent_w, sent_h):
-                raise InvalidImage(
-                    f"image is {img.width}x{img.height}: sides more than {MAX_ASPECT_RATIO} times "
-                    "apart are more than the model accepts; crop it into parts",
-                    param=param,
-                )
             if fmt in _DECODERS:  # the plugin that could read it tells which one it was
                 fmt = img.format or fmt
-            return _convert(img, fmt, len(data), budget, quality)
+            return _convert(img, fmt, len(data), budget, quality, param)
     except (ImageTooLarge, InvalidImage, UnsupportedMedia, InvalidRequest):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -203,11 +196,19 @@ def normalize_image(
         raise InvalidImage(f"image could not be decoded ({fmt}): {exc}", param=param) from exc
 
 
-def _convert(img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quality: int) -> NormalizedImage:
+def _convert(
+    img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quality: int, param: str
+) -> NormalizedImage:
     orientation = img.getexif().get(0x0112, 1)
     swapped = orientation in (5, 6, 7, 8)
     orig_w, orig_h = (img.height, img.width) if swapped else (img.width, img.height)
     out_w, out_h = target_size(orig_w, orig_h, budget)
+    if max(out_w, out_h) > MAX_ASPECT_RATIO * min(out_w, out_h):  # still before any pixel is decoded
+        raise InvalidImage(
+            f"image is {orig_w}x{orig_h}: sides more than {MAX_ASPECT_RATIO} times "
+            "apart are more than the model accepts; crop it into parts",
+            param=param,
+        )
     if fmt == "JPEG":
         # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale, so a 12 MP photo headed
         # for ~0.8 MP is never fully decoded. Accepting a draft up to 10% smaller than the
