@@ -8,7 +8,9 @@
   re-admitted on their first healthy answer (a circuit breaker).
 - Every request picks a replica with the routing policy and counts itself in flight there.
 - A request that could not reach a replica (refused, 503, connection dropped before any
-  answer) is retried on another one, at most `max_attempts` times with a jittered pause.
+  answer) is retried on another one, at most `max_attempts` times with a jittered pause;
+  a replica that only dropped the connection or was slow to connect may be tried again
+  when no untried one is left.
   With no routable replica left it fails at once with 503: never a hang.
 """
 
@@ -176,10 +178,12 @@ class ReplicaPool:
         stream keeps its replica busy for as long as it lasts.
         """
         tried: set[int] = set()
-        redialled: set[int] = set()
+        flaky: set[int] = set()  # tried, but failed the way a busy engine can fail too
         last: UpstreamError | None = None
         for attempt in range(self.max_attempts):
-            replica = self._pick(tried)
+            # An untried replica first; else one that only failed flakily deserves another
+            # try on a fresh connection (with one replica, that is the only way to retry).
+            replica = self._pick(tried) or self._pick(tried - flaky)
             if replica is None:
                 break
             if attempt:
@@ -194,11 +198,8 @@ class ReplicaPool:
                 except UpstreamUnavailable as exc:
                     self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
                     last = exc
-                    if isinstance(exc, EngineFlaky) and replica.index not in redialled:
-                        # Likely a keep-alive connection the engine closed as we reused
-                        # it, or a busy host: the same replica deserves one more try.
-                        redialled.add(replica.index)
-                        tried.discard(replica.index)
+                    if isinstance(exc, EngineFlaky):
+                        flaky.add(replica.index)
                     continue
                 replica.failures = 0
                 yield result

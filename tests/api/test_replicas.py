@@ -82,6 +82,21 @@ def test_a_replica_that_drops_requests_is_retried_elsewhere(servers):
         assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(6)} == {"r1"}
 
 
+def test_a_lone_replica_that_drops_connections_is_retried_up_to_the_attempt_limit(servers):
+    drops = iter(range(2))
+
+    def answer(_payload):
+        return FakeReply(drop=True) if next(drops, None) is not None else completion("after two drops")
+
+    servers[0].engine.answer = answer
+    with gateway(servers[:1], upstream_attempts=3) as c:
+        assert who(c.post("/v1/chat/completions", json=CHAT)) == "after two drops"
+        servers[0].engine.answer = lambda _: FakeReply(drop=True)
+        assert_error(c.post("/v1/chat/completions", json=CHAT), 503, "upstream_unavailable")
+    chats = [r for r in servers[0].engine.received if r.path == "/v1/chat/completions"]
+    assert len(chats) == 6  # 3 attempts each, never more
+
+
 class StalledHost:
     """A listening socket whose accept queue is full: connections time out, like a host
     too busy to answer (no refusal, no reset)."""
