@@ -1,6 +1,7 @@
 """Pass-through overhead: the same load straight at an engine and through the gateway, one run.
 
     .venv/bin/python bench/passthrough.py [--concurrency 64] [--seconds 10] [--body-kb 100] [--workers 1]
+                                          [--pin-gateway N]
 
 The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
 after a fixed delay, default 50 ms, and streams SSE when asked): a real vLLM would hide
@@ -11,6 +12,10 @@ the gateway's cost behind its own. It measures only what the gateway adds:
   it a slower Python generator is used and says so);
 - the gateway's CPU per request (Linux /proc, all its worker processes);
 - streaming time-to-first-byte, direct vs gateway (sequential requests, median).
+
+`--pin-gateway N` (Linux) gives the gateway CPUs 0..N-1 to itself and the load generator
+and fake engine the rest, as in a deployment where the gateway has its own cores: what
+is then left of the added latency is the gateway's own, not CPU contention.
 """
 
 from __future__ import annotations
@@ -175,9 +180,16 @@ def ttfb_ms(url: str, body: bytes, n: int) -> float:
 
 def main(
     concurrency: int = 64, seconds: float = 10.0, body_kb: int = 100, delay_ms: float = 50.0,
-    workers: int = 1, ttfb_requests: int = 100,
+    workers: int = 1, ttfb_requests: int = 100, pin_gateway: int = 0,
 ) -> None:
     console = Console()
+    gateway_cpus: set[int] | None = None
+    if pin_gateway:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not 0 < pin_gateway < len(cpus):
+            raise typer.BadParameter(f"--pin-gateway must leave CPUs for the load: 1..{len(cpus) - 1}")
+        gateway_cpus = set(cpus[:pin_gateway])
+        os.sched_setaffinity(0, cpus[pin_gateway:])  # this process, wrk and the fake engine
     image = base64.b64encode(os.urandom(body_kb * 1024 * 3 // 4)).decode()
     request = {"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + image}},
@@ -201,6 +213,7 @@ def main(
         env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": "false",
              "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max(256, concurrency * 2))}, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, gateway_cpus)) if gateway_cpus else None,
     )
     try:
         wait_http(f"http://127.0.0.1:{engine_port}/health")
@@ -222,7 +235,8 @@ def main(
         direct, gw = rows["direct (fake engine)"], rows["gateway"]
         table = Table(title=f"pass-through: c={concurrency}, {len(body) // 1024} KB bodies, fake engine "
                             f"{delay_ms:.0f} ms, {workers} gateway worker(s), {seconds:g} s each, "
-                            f"load by {'wrk' if use_wrk else 'python httpx'}, {os.cpu_count()} CPUs")
+                            f"load by {'wrk' if use_wrk else 'python httpx'}, {os.cpu_count()} CPUs"
+                            + (f", gateway pinned to CPUs {sorted(gateway_cpus)}" if gateway_cpus else ""))
         for col in ("target", "req/s", "p50 ms", "p99 ms", "errors", "gateway CPU ms/req", "stream TTFB ms"):
             table.add_column(col, justify="right")
         for name, (r, cpu_ms, ttfb) in rows.items():
