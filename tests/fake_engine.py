@@ -63,12 +63,15 @@ class FakeEngine:
     url: str = ""  # set by the server that serves it
     healthy: bool = True
     waiting: int = 0  # reported as vllm:num_requests_waiting
+    metrics_status: int = 200  # anything else: /metrics answers that status, no gauges
     payloads: list[dict[str, Any]] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
 
     def reply(self, path: str, body: bytes) -> FakeReply:
         if path == "/health":
             return FakeReply(200 if self.healthy else 503)
+        if path == "/metrics" and self.metrics_status != 200:
+            return FakeReply(self.metrics_status)
         if path == "/metrics":
             text = (f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {self.waiting}\n"
                     "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0\n")

@@ -59,6 +59,7 @@ class Replica:
     in_flight: int = 0
     gauges: EngineGauges = field(default_factory=EngineGauges)
     failures: int = 0
+    gauges_readable: bool = True  # so an engine without usable /metrics is logged once, not every probe
     eject_s: float = MIN_EJECT_S
     probe_after: float = 0.0
 
@@ -135,7 +136,14 @@ class ReplicaPool:
         try:
             replica.gauges = parse_engine_gauges(await replica.client.metrics_text())
         except (UpstreamError, ValueError) as exc:
-            log.warning("could not read queue gauges of %s: %s", replica.url, exc)
+            if replica.gauges_readable:
+                log.warning("could not read queue gauges of %s (routing goes on without them): %s",
+                            replica.url, str(exc)[:300])
+            replica.gauges, replica.gauges_readable = EngineGauges(), False  # stale ones would mislead routing
+        else:
+            if not replica.gauges_readable:
+                log.info("queue gauges of %s are readable again", replica.url)
+            replica.gauges_readable = True
         self._export(replica)
 
     def _export(self, replica: Replica) -> None:

@@ -62,6 +62,24 @@ def test_least_loaded_avoids_the_replica_with_a_queue(servers):
         assert [r["healthy"] for r in ready["replicas"]] == [True, True]
 
 
+def test_unreadable_gauges_are_dropped_and_logged_once_per_outage(servers, caplog):
+    servers[0].engine.waiting = 50
+    with gateway(servers, probe_interval_s=0.1) as c:
+        time.sleep(0.3)
+        assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(4)} == {"r1"}
+        servers[0].engine.metrics_status = 404
+        with caplog.at_level("INFO", logger="scanner_gateway.upstream.pool"):
+            time.sleep(0.6)  # several probe rounds
+            # The stale queue of 50 no longer steers every request away from r0.
+            assert {who(c.post("/v1/chat/completions", json=CHAT)) for _ in range(4)} == {"r0", "r1"}
+            servers[0].engine.metrics_status = 200
+            time.sleep(0.3)
+        assert c.get("/ready").json()["replicas"][0]["healthy"] is True
+    messages = [r.getMessage() for r in caplog.records if servers[0].url in r.getMessage()]
+    assert sum("could not read queue gauges" in m for m in messages) == 1, messages
+    assert sum("readable again" in m for m in messages) == 1, messages
+
+
 def test_a_dead_replica_is_routed_around_and_nothing_fails(servers):
     for s in servers:
         s.engine.answer = answer_as(s.url, delay_s=0.05)
