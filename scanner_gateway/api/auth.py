@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer <key>` on every route but the probes.
+"""API keys: `Authorization: Bearer <key>` on every API route (probes, metrics, page and docs stay open).
 
 Off when no key is configured. Comparison is constant-time against every key, and keys
 never appear in logs or error messages.
@@ -14,9 +14,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scanner_gateway.errors import Unauthorized, error_response
 
-# Probes, the Prometheus scrape and the web page's static files stay open (no secrets
-# there; scrapers rarely hold keys; the page asks for a key before calling the API).
-OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})
+# Probes, the Prometheus scrape, the web page's static files and the API docs stay open
+# (no secrets there; scrapers rarely hold keys; the page and the docs' "Authorize"
+# button ask for a key before calling the API, and a browser cannot send one to load them).
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/ui/",)
 
 

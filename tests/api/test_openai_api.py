@@ -186,18 +186,19 @@ def auth_client(settings, fake_engine, tmp_path):
         yield c
 
 
-def test_auth_protects_everything_but_probes(auth_client):
-    assert auth_client.get("/health").status_code == 200
-    assert auth_client.get("/ready").status_code == 200
-    for method, path in [("GET", "/v1/models"), ("GET", "/v1/tasks"), ("POST", "/v1/scan"),
-                         ("POST", "/v1/chat/completions"), ("GET", "/openapi.json")]:
+def test_auth_protects_every_api_route_but_probes_page_and_docs(auth_client):
+    for path in ["/health", "/ready", "/metrics", "/", "/docs", "/openapi.json"]:
+        assert auth_client.get(path).status_code == 200, path
+    for method, path in [("GET", "/v1/models"), ("GET", "/v1/models/scan/price_tags"), ("GET", "/v1/tasks"),
+                         ("POST", "/v1/scan"), ("POST", "/v1/chat/completions"), ("POST", "/v1/responses"),
+                         ("GET", "/docs/../v1/tasks"), ("GET", "/nope")]:
         r = auth_client.request(method, path)
         err = assert_error(r, 401, "invalid_api_key")
         assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
 
 
 def test_openapi_declares_the_bearer_key_when_keys_are_on(auth_client, client):
-    spec = auth_client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    spec = auth_client.get("/openapi.json").json()  # open: the docs page loads it before "Authorize"
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "An API key"}
     assert spec["paths"]["/v1/scan"]["post"]["security"] == [{"HTTPBearer": []}]
