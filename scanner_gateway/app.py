@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from scanner_gateway.api.limits import BodySizeLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
+from scanner_gateway.loop_lag import watch_loop_lag
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.scan.idempotency import IdempotencyCache
 from scanner_gateway.scan.images import ImageNormalizer
@@ -99,9 +102,13 @@ def create_app(settings: Settings) -> FastAPI:
         # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
         gc.collect()
         gc.freeze()
+        lag_watch = asyncio.create_task(watch_loop_lag(metrics.loop_lag.observe), name="loop-lag")
         try:
             yield
         finally:
+            lag_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_watch
             gc.unfreeze()
             normalizer.close()
             await pool.close()

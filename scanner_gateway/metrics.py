@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 BYTES_BUCKETS = tuple(2.0**p for p in range(10, 26, 2))  # 1 KiB .. 32 MiB
 PIXEL_BUCKETS = (1e5, 3e5, 1e6, 2e6, 4e6, 8e6, 12e6, 24e6, 48e6, 64e6)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 def multiprocess_dir() -> str | None:
@@ -123,6 +124,9 @@ class GatewayMetrics:
                                      registry=r)
         self.image_pixels = Histogram("scanner_image_pixels", "Pixels of received photos.", buckets=PIXEL_BUCKETS,
                                       registry=r)
+        self.loop_lag = Histogram("scanner_event_loop_lag_seconds",
+                                  "How late the event loop's timers fire (a blocked or CPU-starved gateway).",
+                                  buckets=LOOP_LAG_BUCKETS, registry=r)
         self.in_flight = Gauge("scanner_admission_in_flight", "Requests holding an admission slot.",
                                multiprocess_mode="livesum", registry=r)
         self.queued = Gauge("scanner_admission_queue_depth", "Requests waiting for a slot.", ["priority"],

@@ -43,6 +43,7 @@ def test_metrics_after_real_traffic(client, fake_engine):
     assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1
     assert value(text, "scanner_replica_engine_waiting", replica=fake_engine.url) == 3
     assert value(text, "scanner_admission_in_flight") == 0
+    assert value(text, "scanner_event_loop_lag_seconds_count") >= 1  # the watcher ran during the test
     assert "scanner_admission_queue_depth" in text and "scanner_request_duration_seconds_bucket" in text
     names = {name for name, _ in samples(text)}
     assert all(n.startswith(("scanner_", "python_", "process_")) for n in names), names
