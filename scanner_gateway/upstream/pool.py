@@ -208,6 +208,8 @@ class ReplicaPool:
                     last = exc
                     if isinstance(exc, EngineFlaky):
                         flaky.add(replica.index)
+                    else:  # it answered 503 or refused: not worth another try
+                        flaky.discard(replica.index)
                     continue
                 replica.failures = 0
                 yield result
