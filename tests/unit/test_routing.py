@@ -13,6 +13,15 @@ vllm:num_requests_running{engine="1",model_name="scanner-dev"} 1.0
 # HELP vllm:num_requests_waiting Number of requests waiting to be processed.
 # TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{engine="0",model_name="scanner-dev"} 7.0
+# HELP vllm:num_requests_waiting_by_reason Number of waiting requests by reason.
+# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{engine="0",model_name="scanner-dev",reason="capacity"} 99.0
+# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="scanner-dev"} 2.0
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="scanner-dev"} 5.0
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="scanner-dev"} 5.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="scanner-dev"} 3.5
 # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc{engine="0",model_name="scanner-dev"} 0.5
@@ -31,9 +40,14 @@ def test_missing_gauges_read_as_zero():
     assert parse_engine_gauges("# TYPE other gauge\nother 1\n") == EngineGauges()
 
 
-def test_garbage_metrics_raise_value_error():
+@pytest.mark.parametrize("garbage", [
+    "<html>not metrics</html>\n{{{",
+    '{"object": "chat.completion"}',  # a server that answers everything with JSON
+    'vllm:num_requests_waiting{engine="0"} many\n',
+])
+def test_garbage_metrics_raise_value_error(garbage):
     with pytest.raises(ValueError):
-        parse_engine_gauges("<html>not metrics</html>\n{{{")
+        parse_engine_gauges(garbage)
 
 
 def loads(*pairs: tuple[int, float]) -> list[ReplicaLoad]:
