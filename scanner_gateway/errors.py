@@ -141,6 +141,14 @@ class Overloaded(ClientError):
         super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s)})
 
 
+class ClientClosedRequest(ClientError):
+    """The client hung up before the answer, and its work was stopped. Nobody reads this
+    answer: its status (nginx's 499) is for logs and metrics."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class UpstreamError(GatewayError):
     status = 502
     code = "engine_error"

@@ -34,5 +34,5 @@ async def watch_loop_lag(
         lag = max(0.0, clock() - started - interval_s)
         observe(lag)
         if lag >= warn_after_s:
-            log.warning("the event loop was blocked for %.2f s: every request in this process waited "
-                        "(engine connects may have timed out)", lag)
+            log.warning("the event loop ran %.2f s late (blocked, or the process starved of CPU): every "
+                        "request in this process waited, and engine connects may have timed out", lag)
