@@ -98,6 +98,9 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
 def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes:
     """Bytes of a data URL (`data:image/...;base64,...`) or bare base64 string."""
     if ref.startswith(("http://", "https://")):
@@ -116,8 +119,11 @@ def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes
         return base64.b64decode(payload, validate=True)
     except binascii.Error:
         pass
-    try:  # line-wrapped base64 (e.g. from `base64` without -w0)
-        return base64.b64decode("".join(payload.split()), validate=True)
+    # Line-wrapped (`base64` without -w0), URL-safe alphabet, or padding dropped (base64url
+    # encoders in browsers and JWT-style libraries): the same bytes, so accept them.
+    compact = "".join(payload.split()).translate(_URLSAFE_TO_STANDARD).rstrip("=")
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
     except binascii.Error as exc:
         raise InvalidImage(f"image is not valid base64: {exc}", param=param) from exc
 

@@ -146,6 +146,10 @@ def test_base64_inputs():
     assert decode_image_ref("data:image/jpeg;base64," + b64, max_bytes=10**7) == raw
     wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))
     assert decode_image_ref(wrapped, max_bytes=10**7) == raw
+    urlsafe_unpadded = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    assert decode_image_ref("data:image/jpeg;base64," + urlsafe_unpadded, max_bytes=10**7) == raw
+    with pytest.raises(InvalidImage):
+        decode_image_ref(b64[:-5] + "=" + b64[-4:], max_bytes=10**7)  # padding in the middle
     with pytest.raises(InvalidImage):
         decode_image_ref("data:image/jpeg;base64,@@@not-base64@@@", max_bytes=10**7)
     with pytest.raises(InvalidImage):
