@@ -159,6 +159,11 @@ class EngineError(UpstreamError):
     pass
 
 
+class ModelNotServed(EngineError):
+    """The engine answered 404 to a completion: it does not serve the model asked for
+    (restarted with another model, e.g. in a rolling upgrade)."""
+
+
 class ModelOutputInvalid(UpstreamError):
     code = "model_output_invalid"
 

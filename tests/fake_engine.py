@@ -64,6 +64,8 @@ class FakeEngine:
     healthy: bool = True
     waiting: int = 0  # reported as vllm:num_requests_waiting
     metrics_status: int = 200  # anything else: /metrics answers that status, no gauges
+    model: str = FAKE_MODEL  # listed by /v1/models
+    strict_model: bool = False  # completions for another model get vLLM's 404, as vLLM does
     payloads: list[dict[str, Any]] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
 
@@ -77,9 +79,12 @@ class FakeEngine:
                     "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0\n")
             return FakeReply(200, (text.encode(),), {"content-type": "text/plain"})
         if path == "/v1/models":
-            return FakeReply.json(200, {"object": "list", "data": [{"id": FAKE_MODEL, "object": "model"}]})
+            return FakeReply.json(200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
         payload = json.loads(body)
         self.payloads.append(payload)
+        if self.strict_model and payload.get("model") != self.model:
+            return FakeReply.json(404, {"error": {"message": f"The model `{payload.get('model')}` does not exist.",
+                                                  "type": "NotFoundError", "param": "model", "code": 404}})
         if self.answer is not None:
             return self.answer(payload)
         if "response_format" not in payload:  # a plain chat request

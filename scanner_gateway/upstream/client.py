@@ -30,6 +30,7 @@ from scanner_gateway.errors import (
     EngineError,
     EngineSlowToConnect,
     EngineUnreachable,
+    ModelNotServed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -148,6 +149,8 @@ class EngineClient:
                 f"{self.base_url}/v1/chat/completions", json=payload, headers=self._headers()
             ) as resp:
                 body = await resp.read()
+        if resp.status == 404:
+            raise ModelNotServed(f"engine at {self.base_url}: {engine_error_message(resp.status, body)}")
         raise_for_engine_status(self.base_url, resp.status, body)
         try:
             return ChatCompletion.model_validate_json(body)

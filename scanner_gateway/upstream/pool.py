@@ -31,6 +31,7 @@ from scanner_gateway.errors import (
     EngineError,
     EngineFlaky,
     EngineUnreachable,
+    ModelNotServed,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -90,7 +91,7 @@ class ReplicaPool:
         self.probe_interval_s = probe_interval_s
         self.max_attempts = max_attempts
         self._clock = clock
-        self._model = model
+        self._model = self._configured_model = model
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = metrics
 
@@ -225,7 +226,24 @@ class ReplicaPool:
             return result
 
     async def chat(self, payload: dict[str, Any]) -> ChatCompletion:
-        return await self.call(lambda client: client.chat(payload))
+        try:
+            return await self.call(lambda client: client.chat(payload))
+        except ModelNotServed:
+            if self._configured_model is not None:
+                raise
+            # The engines were restarted with another model (a rolling upgrade): find out
+            # which, once, instead of failing every scan until the gateway restarts.
+            stale = payload.get("model")
+            forgotten = self._model == stale  # the first request to find out forgets the old name
+            if forgotten:
+                self._model = None
+            model = await self.model_name()
+            if model == stale:
+                raise
+            if forgotten:
+                log.warning("the engines now serve %r instead of %r; using it", model, stale)
+            renamed = {**payload, "model": model}
+            return await self.call(lambda client: client.chat(renamed))
 
     async def list_models(self) -> list[ModelCard]:
         return await self.call(lambda client: client.list_models())

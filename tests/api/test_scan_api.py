@@ -114,6 +114,28 @@ def test_engine_faults_map_to_5xx(client, fake_engine, fault, status, code):
         assert "CUDA out of memory" in err["message"]
 
 
+def test_a_scan_follows_the_engines_to_a_new_model(client, fake_engine, caplog):
+    fake_engine.strict_model = True
+    scan = {"files": {"image": ("a.jpg", PHOTO)}, "data": {"task": "storefront"}}
+    assert client.post("/v1/scan", **scan).status_code == 200
+    fake_engine.model = "ostrakon-vl-8b-v2"  # the engines were upgraded under a running gateway
+    with caplog.at_level("WARNING", logger="scanner_gateway.upstream.pool"):
+        for _ in range(2):
+            assert client.post("/v1/scan", **scan).status_code == 200
+    assert [p["model"] for p in fake_engine.payloads] == [FAKE_MODEL, FAKE_MODEL, "ostrakon-vl-8b-v2",
+                                                           "ostrakon-vl-8b-v2"]
+    assert sum("now serve 'ostrakon-vl-8b-v2'" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_configured_model_the_engine_does_not_serve_is_a_502_naming_it(fake_engine):
+    fake_engine.strict_model = True
+    settings = Settings(upstream_url=fake_engine.url, model="not-served")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        r = c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"})
+    err = assert_error(r, 502, "engine_error")
+    assert "not-served" in err["message"] and len(fake_engine.payloads) == 1
+
+
 def test_slow_engine_is_504(settings, fake_engine):
     fake_engine.answer = lambda _: FakeReply(delay_s=2.0)
     with TestClient(create_app(settings.model_copy(update={"engine_read_timeout_s": 0.3}))) as c:
