@@ -518,6 +518,12 @@ def gateway_counters(port: int) -> Counter:
     for smp in samples:
         if smp.name == "scanner_scans_total" and smp.labels["outcome"] != "ok":
             counts[f"outcome {smp.labels['outcome']}"] += smp.value
+    # How long the gateway's event loop waited to run (blocked or starved of CPU).
+    lag = {(smp.name, smp.labels.get("le")): smp.value for smp in samples
+           if smp.name.startswith("scanner_event_loop_lag_seconds")}
+    counts["loop_late_s"] = lag.get(("scanner_event_loop_lag_seconds_sum", None), 0.0)
+    counts["loop_late_over_1s"] = (lag.get(("scanner_event_loop_lag_seconds_count", None), 0.0)
+                                   - lag.get(("scanner_event_loop_lag_seconds_bucket", "1.0"), 0.0))
     return counts
 
 
@@ -578,6 +584,10 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           "(every 200 counted as a success, cut or not).",
           "Gateway scans that did not end ok, by error code (429s included): "
           f"{ {k.removeprefix('outcome '): int(v) for k, v in report['gateway_work'].items() if k.startswith('outcome ')} }.",
+          f"Gateway event loop: {report['gateway_work']['loop_late_s']:.0f} s late in all (its timers' lateness, "
+          f"summed), {report['gateway_work']['loop_late_over_1s']:.0f} wake-ups more than 1 s late: time the "
+          "gateway process waited to run (blocked, or starved of CPU by the engine on a small machine), "
+          "included in its latencies.",
           "", "## Same pixel budget (architecture only: every system gets the photo already sized to the task's budget)",
           "", *table(results), "", *ratios(results)]
     if designed:

@@ -30,8 +30,10 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
             assert 0.0 <= system["overload_error_rate"] <= 1.0
         assert report["output_tokens"] > 0 and report["machine"]["cores"] >= 1
         md = (results / f"{name}.md").read_text()
-        for row in ("average response time", "max QPS", "GPU utilisation", "error rate at 10x capacity"):
+        for row in ("average response time", "max QPS", "GPU utilisation", "error rate at 10x capacity",
+                    "Gateway event loop:"):
             assert row in md
+        assert report["gateway_work"]["loop_late_s"] >= 0 and "loop_late_over_1s" in report["gateway_work"]
         assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         for suffix in (".json", ".md", ".png"):
