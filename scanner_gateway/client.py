@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from scanner_gateway.config import root_url
 from scanner_gateway.scan.results import RESULT_MODELS, ScanResult
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -91,8 +92,7 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if priority:
             self.headers["X-Priority"] = priority
-        # The gateway's OpenAI base URL (…/v1, what SDKs are given) works here too.
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.base_url = root_url(base_url)  # the gateway's OpenAI base URL (…/v1) works too
         self.retries = retries
 
     def _request_args(self, images: ImageInput | Sequence[ImageInput], task: str, locale: str | None) -> dict[str, Any]:

@@ -24,9 +24,10 @@ def default_prompts_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "prompts"
 
 
-def engine_base_url(url: str) -> str:
-    """The engine's root URL. An OpenAI-style base URL ending in /v1 (what SDKs are given)
-    is accepted too: the gateway adds /v1/... itself and probes /health at the root."""
+def root_url(url: str) -> str:
+    """A server's root URL, also from an OpenAI-style base URL ending in /v1 (what SDKs
+    are given): callers add /v1/... themselves and probe /health at the root. Used for
+    engine URLs here and for the gateway's URL in the Python client."""
     return url.rstrip("/").removesuffix("/v1")
 
 
@@ -128,8 +129,8 @@ class Settings(BaseSettings):
 
     def upstream_urls(self) -> list[str]:
         urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
-        checked = [engine_base_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
-        return checked or [engine_base_url(str(self.upstream_url))]
+        checked = [root_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
+        return checked or [root_url(str(self.upstream_url))]
 
     def client_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
