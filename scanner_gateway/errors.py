@@ -212,6 +212,10 @@ _HTTP_STATUS_ERRORS: dict[int, type[ClientError]] = {
 }
 
 
+MAX_LISTED_PROBLEMS = 5
+_LOCATION_ROOTS = frozenset({"body", "query", "path", "header"})
+
+
 def error_response(err: GatewayError) -> JSONResponse:
     return JSONResponse(
         err.body().model_dump(), status_code=err.status, headers=err.headers or None
@@ -227,13 +231,21 @@ def log_if_server_side(err: GatewayError) -> GatewayError:
 
 
 def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
-    """A 400 naming the first of pydantic's/FastAPI's validation errors."""
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return InvalidRequest(f"{param}: {msg}{more}" if param else f"{msg}{more}", param=param)
+    """A 400 listing pydantic's/FastAPI's validation errors; `param` names the first.
+
+    All of them, not just the first: a misspelt field is both "images: Field required"
+    and "image: Extra inputs are not permitted", and only the pair says what to fix.
+    """
+    problems = []
+    for error in errors[:MAX_LISTED_PROBLEMS]:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p not in _LOCATION_ROOTS)
+        msg = error.get("msg", "invalid request")
+        problems.append((loc or None, f"{loc}: {msg}" if loc else msg))
+    if not problems:
+        return InvalidRequest("invalid request")
+    more = len(errors) - len(problems)
+    message = "; ".join(text for _, text in problems) + (f"; and {more} more" if more > 0 else "")
+    return InvalidRequest(message, param=problems[0][0])
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -246,10 +258,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(invalid_request_from(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = _HTTP_STATUS_ERRORS.get(exc.status_code, InvalidRequest)
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # Starlette's routing miss
+            message = f"{request.method} {request.url.path[:200]} is not served here; the routes are listed at /docs"
         # keep Starlette's status even for unmapped codes, and its headers (Allow on a 405)
-        err = cls(str(exc.detail), headers=dict(exc.headers or {}))
+        err = cls(message, headers=dict(exc.headers or {}))
         err.status = exc.status_code
         return error_response(err)
 

@@ -182,6 +182,15 @@ def test_bad_input_gets_documented_4xx(client, fake_engine, what, kwargs, status
     assert fake_engine.payloads == []  # nothing bad ever reaches the engine
 
 
+def test_validation_error_lists_every_problem(client):
+    # A misspelt field is two problems; only both together say what to fix.
+    error = assert_error(client.post("/v1/scan", json={"task": "price_tags", "image": "AAAA"}),
+                         400, "invalid_request")
+    assert "images: Field required" in error["message"]
+    assert "image: Extra inputs are not permitted" in error["message"]
+    assert error["param"] == "images"
+
+
 def test_request_body_cap_is_413_before_reading(client):
     r = client.post("/v1/scan", content=b"x", headers={"content-type": "application/json",
                                                        "content-length": str(10**10)})
@@ -189,7 +198,8 @@ def test_request_body_cap_is_413_before_reading(client):
 
 
 def test_routing_errors_use_the_same_shape(client):
-    assert_error(client.get("/nope"), 404, "not_found")
+    error = assert_error(client.post("/v1/embeddings", json={}), 404, "not_found")
+    assert "POST /v1/embeddings" in error["message"] and "/docs" in error["message"]
     r = client.delete("/v1/scan")
     assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods that work
