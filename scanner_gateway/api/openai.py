@@ -1,13 +1,14 @@
-"""OpenAI-compatible surface: GET /v1/models, POST /v1/chat/completions.
+"""OpenAI-compatible surface: GET /v1/models, POST /v1/chat/completions and /v1/responses.
 
-Chat requests for engine models normally never reach this router: the pure-ASGI
-`ChatPassthrough` relays them first. The route below sees the bodies that may name a
-`scan/<task>` model, runs the scan, and relays anything else after all.
+Requests for engine models normally never reach this router: the pure-ASGI
+`ChatPassthrough` relays them first. The routes below see the bodies that may name a
+`scan/<task>` model, run the scan, and relay anything else after all.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -23,8 +24,9 @@ from scanner_gateway.api.deps import (
 from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.errors import NotFound
 from scanner_gateway.protocol import ModelCard, ModelList
-from scanner_gateway.scan import chat_adapter
-from scanner_gateway.upstream.passthrough import CHAT_PATH, PassthroughResponse
+from scanner_gateway.scan import chat_adapter, responses_adapter
+from scanner_gateway.scan.scan_models import SCAN_MODEL_PREFIX, scan_task_name
+from scanner_gateway.upstream.passthrough import CHAT_PATH, RESPONSES_PATH, PassthroughResponse
 
 router = APIRouter(tags=["openai"])
 
@@ -34,7 +36,7 @@ async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
     """The engine's models plus one `scan/<task>` pseudo-model per scan task."""
     cards = await pool.list_models()
     cards += [
-        ModelCard(id=f"{chat_adapter.SCAN_MODEL_PREFIX}{task.name}", owned_by="scanner-gateway")
+        ModelCard(id=f"{SCAN_MODEL_PREFIX}{task.name}", owned_by="scanner-gateway")
         for task in registry
     ]
     return ModelList(data=cards)
@@ -51,18 +53,16 @@ async def retrieve_model(model: str, pool: PoolDep, registry: RegistryDep) -> Mo
     raise NotFound(f"model {model!r} does not exist; GET /v1/models lists them", param="model")
 
 
-@router.post(CHAT_PATH, responses=error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504))
+_RELAY_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)
+
+
+@router.post(CHAT_PATH, responses=_RELAY_ERRORS)
 async def chat_completions(request: Request, service: ScanServiceDep, settings: SettingsDep) -> Response:
     """Forwarded to vLLM untouched; `scan/<task>` models run that scan task instead."""
     body = await request.body()
-    try:
-        fields = json.loads(body)
-    except ValueError:
-        fields = None
-    model = fields.get("model") if isinstance(fields, dict) else None
-    task = chat_adapter.scan_task_name(model) if isinstance(model, str) else None
+    fields, task = _scan_model_request(body)
     if task is None:  # not ours to judge: the engine answers, errors included
-        return PassthroughResponse(request.app.state.chat_relay, body, request.headers)
+        return PassthroughResponse(request.app.state.chat_relay, body, request.headers, CHAT_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
     result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority))
     if fields.get("stream"):
@@ -71,3 +71,29 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
             media_type="text/event-stream",
         )
     return JSONResponse(chat_adapter.chat_completion(result))
+
+
+@router.post(RESPONSES_PATH, responses=_RELAY_ERRORS)
+async def responses(request: Request, service: ScanServiceDep, settings: SettingsDep) -> Response:
+    """The Responses API: forwarded to vLLM untouched; `scan/<task>` models run that scan task instead."""
+    body = await request.body()
+    fields, task = _scan_model_request(body)
+    if task is None:
+        return PassthroughResponse(request.app.state.chat_relay, body, request.headers, RESPONSES_PATH)
+    priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
+    result = await cancel_on_disconnect(request, responses_adapter.scan_as_response(service, task, fields, priority))
+    if fields.get("stream"):
+        return StreamingResponse(responses_adapter.response_events(result), media_type="text/event-stream")
+    return JSONResponse(responses_adapter.response_object(result))
+
+
+def _scan_model_request(body: bytes) -> tuple[dict[str, Any], str | None]:
+    """The parsed body and the scan task its `model` names (None: a request for the engine)."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return {}, None
+    model = fields.get("model") if isinstance(fields, dict) else None
+    if not isinstance(model, str):
+        return {}, None
+    return fields, scan_task_name(model)

@@ -15,14 +15,13 @@ from typing import Any
 from scanner_gateway.admission import PriorityClass
 from scanner_gateway.errors import InvalidRequest
 from scanner_gateway.scan.results import ScanResult
+from scanner_gateway.scan.scan_models import (
+    result_json,
+    run_scan_model,
+    scan_envelope,
+    scan_model_name,
+)
 from scanner_gateway.scan.service import ScanService
-from scanner_gateway.scan.tasks import parse_locale
-
-SCAN_MODEL_PREFIX = "scan/"
-
-
-def scan_task_name(model: str) -> str | None:
-    return model[len(SCAN_MODEL_PREFIX):] if model.startswith(SCAN_MODEL_PREFIX) else None
 
 
 def images_from_messages(messages: Any) -> list[str]:
@@ -50,14 +49,13 @@ def images_from_messages(messages: Any) -> list[str]:
 async def scan_as_chat(
     service: ScanService, task: str, request: dict[str, Any], priority: PriorityClass
 ) -> ScanResult:
-    service.registry.get(task)  # an unknown model is a 404 whatever the messages hold
-    images = images_from_messages(request.get("messages"))
-    if not images:
-        raise InvalidRequest(
-            f"model scan/{task} needs at least one image_url part in a user message",
-            param="messages",
-        )
-    return await service.run(task, images, parse_locale(request.get("locale")), priority=priority)
+    if request.get("n") not in (None, 1):
+        # One scan, one answer: n copies of it would only look like independent samples.
+        raise InvalidRequest(f"model scan/{task} gives one answer per request; drop n", param="n")
+    return await run_scan_model(
+        service, task, request, lambda r: images_from_messages(r.get("messages")), priority,
+        image_part="image_url", param="messages",
+    )
 
 
 def chat_completion(result: ScanResult) -> dict[str, Any]:
@@ -65,19 +63,15 @@ def chat_completion(result: ScanResult) -> dict[str, Any]:
         "id": f"chatcmpl-{result.id}",
         "object": "chat.completion",
         "created": result.created,
-        "model": f"{SCAN_MODEL_PREFIX}{result.task}",
+        "model": scan_model_name(result),
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": _content(result)},
+            "message": {"role": "assistant", "content": result_json(result)},
             "finish_reason": "stop",
         }],
         "usage": result.usage.model_dump(),
-        "scan": result.model_dump(mode="json", exclude={"result"}),
+        "scan": scan_envelope(result),
     }
-
-
-def _content(result: ScanResult) -> str:
-    return json.dumps(result.model_dump(mode="json")["result"], ensure_ascii=False, separators=(",", ":"))
 
 
 def wants_usage_chunk(request: dict[str, Any]) -> bool:
@@ -89,8 +83,8 @@ def wants_usage_chunk(request: dict[str, Any]) -> bool:
 async def chat_completion_chunks(result: ScanResult, include_usage: bool = False) -> AsyncIterator[bytes]:
     """The whole answer as one SSE stream: role, content, finish, [usage,] [DONE]."""
     base = {"id": f"chatcmpl-{result.id}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": f"{SCAN_MODEL_PREFIX}{result.task}"}
-    deltas = [({"role": "assistant", "content": ""}, None), ({"content": _content(result)}, None), ({}, "stop")]
+            "created": int(time.time()), "model": scan_model_name(result)}
+    deltas = [({"role": "assistant", "content": ""}, None), ({"content": result_json(result)}, None), ({}, "stop")]
     chunks = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} for delta, finish in deltas]
     if include_usage:
         chunks.append({**base, "choices": [], "usage": result.usage.model_dump()})

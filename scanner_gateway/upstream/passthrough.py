@@ -7,8 +7,9 @@ the answer, streamed or not, is relayed chunk by chunk as it arrives, never buff
 `ChatPassthrough` takes `POST /v1/chat/completions`, `POST /v1/completions` (what
 load tools such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees
 them: FastAPI's request cycle (routing, dependency solving, StreamingResponse's task
-group) cost more CPU than the whole relay. Chat bodies that may name a `scan/<task>` model go on to the FastAPI
-route, which runs the scan (or, if the mention was elsewhere, relays after all).
+group) cost more CPU than the whole relay. Chat and Responses bodies that may name a
+`scan/<task>` model go on to the FastAPI route, which runs the scan (or, if the mention
+was elsewhere, relays after all).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 RESPONSES_PATH = "/v1/responses"  # the OpenAI SDKs' `client.responses.create`, which vLLM serves
 RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})
+SCAN_MODEL_PATHS = frozenset({CHAT_PATH, RESPONSES_PATH})  # where a `scan/<task>` model is served
 # Hop-by-hop headers are the proxy's business, not the engine's.
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
@@ -155,14 +157,14 @@ def _http_scope() -> Scope:
 class PassthroughResponse(Response):
     """A response that relays a request to the engine (for use from a route)."""
 
-    def __init__(self, chat_relay: ChatRelay, body: bytes, headers: Headers) -> None:
+    def __init__(self, chat_relay: ChatRelay, body: bytes, headers: Headers, path: str) -> None:
         # Starlette's Response.__init__ would render a body; this one relays instead.
-        self.args = (chat_relay, body, headers.get("content-type", ""), headers.get(PRIORITY_HEADER))
+        self.args = (chat_relay, body, headers.get("content-type", ""), headers.get(PRIORITY_HEADER), path)
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chat_relay, body, content_type, priority = self.args
-        await chat_relay(body, content_type, priority, receive, send)
+        chat_relay, body, content_type, priority, path = self.args
+        await chat_relay(body, content_type, priority, receive, send, path)
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -210,7 +212,7 @@ class ChatPassthrough:
         if body is None:
             return
         path = scope["path"]
-        if path == CHAT_PATH and may_name_scan_model(body):
+        if path in SCAN_MODEL_PATHS and may_name_scan_model(body):
             await self.app(scope, replay(body, receive), send)
             return
         content_type, priority = "", None

@@ -2,8 +2,11 @@ import base64
 import json
 import logging
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
 
 from scanner_gateway.app import create_app
 from scanner_gateway.config import Settings
@@ -175,6 +178,55 @@ def test_scan_model_errors(client):
         {"type": "image_url", "image_url": {"url": PHOTO_URL}}]}]}
     assert_error(client.post("/v1/chat/completions", json=unknown), 404, "unknown_task")
     assert_error(client.post("/v1/chat/completions", json={**no_image, "model": "scan/nope"}), 404, "unknown_task")
+
+
+def test_scan_model_refuses_n_above_one(client, fake_engine):
+    r = client.post("/v1/chat/completions", json={"model": "scan/storefront", "n": 2, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}}]}]})
+    assert assert_error(r, 400, "invalid_request")["param"] == "n"
+    assert fake_engine.payloads == []
+
+
+RESPONSES_SCAN = {"model": "scan/storefront", "input": [{"role": "user", "content": [
+    {"type": "input_text", "text": "check"}, {"type": "input_image", "image_url": PHOTO_URL}]}]}
+
+
+def test_scan_task_as_model_on_the_responses_api(client, fake_engine: FakeEngine):
+    r = client.post("/v1/responses", json=RESPONSES_SCAN)
+    assert r.status_code == 200, r.text
+    response = openai.types.responses.Response.model_validate(r.json())  # the SDK's own model, strictly
+    assert response.status == "completed" and response.model == "scan/storefront"
+    assert {"shop_name", "status", "issue_count"} <= set(json.loads(response.output_text))
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens > 0
+    assert r.json()["scan"]["images"][0]["width"] == 640
+    assert fake_engine.payloads[0]["response_format"]["json_schema"]["name"] == "storefront"
+    assert "/v1/responses" not in {got.path for got in fake_engine.received}  # the scan asked for chat
+
+
+def test_scan_model_streams_the_responses_api_events(client):
+    r = client.post("/v1/responses", json={**RESPONSES_SCAN, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    blocks = [b for b in r.text.split("\n\n") if b]
+    names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(json.loads(b.split("\n")[1].removeprefix("data: ")))
+              for b in blocks]
+    assert names == [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert names[0] == "response.created" and names[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert json.loads(text) == json.loads(events[-1].response.output_text)
+
+
+@pytest.mark.parametrize(("request_input", "status", "code"), [
+    ("check this shop", 400, "invalid_request"),  # text only: nothing to scan
+    ([{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}], 400, "invalid_request"),
+    ({"role": "user"}, 400, "invalid_request"),
+])
+def test_responses_scan_model_errors(client, fake_engine, request_input, status, code):
+    assert assert_error(client.post("/v1/responses", json={**RESPONSES_SCAN, "input": request_input}),
+                        status, code)["param"] == "input"
+    assert_error(client.post("/v1/responses", json={**RESPONSES_SCAN, "model": "scan/nope"}), 404, "unknown_task")
+    assert fake_engine.payloads == []
 
 
 @pytest.fixture

@@ -111,6 +111,20 @@ def test_scan_task_as_model_streaming(sdk):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_scan_task_as_model_on_the_responses_api(sdk):
+    parts = [{"type": "input_text", "text": "scan"}, {"type": "input_image", "image_url": PHOTO_URL}]
+    r = sdk.responses.create(model="scan/product_scan", input=[{"role": "user", "content": parts}])
+    assert r.model == "scan/product_scan" and r.status == "completed"
+    result = ProductScan.model_validate(json.loads(r.output_text))
+    assert result.model_dump()["total_products"] == len(result.products)
+    # The SDK's streaming helper assembles the same kind of answer from the events.
+    with sdk.responses.stream(model="scan/storefront", input=[{"role": "user", "content": parts}]) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert json.loads("".join(deltas)) == json.loads(final.output_text)
+    assert final.usage.output_tokens > 0
+
+
 def generated_tokens(engine_url: str) -> float:
     text = httpx.get(f"{engine_url}/metrics", timeout=5).text
     return sum(float(v) for v in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
