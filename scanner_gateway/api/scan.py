@@ -1,4 +1,4 @@
-"""POST /v1/scan (multipart or JSON) and GET /v1/tasks."""
+"""POST /v1/scan (multipart, JSON, or the photo itself as the body) and GET /v1/tasks."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ router = APIRouter(tags=["scan"])
 
 MAX_FORM_FILES = 16
 FORM_FIELDS = ("task", "locale", "priority", "image")
+QUERY_FIELDS = ("task", "locale", "priority")  # with a raw photo body
+RAW_BODY_TYPES = ("image/", "application/octet-stream")
 PRIORITY_FIELD_HELP = "interactive or batch; overrides the X-Priority header."
 
 
@@ -85,6 +87,24 @@ async def _from_json(request: Request) -> ScanForm:
     return ScanForm(body.task, body.images, body.locale, body.priority)
 
 
+async def _from_raw_body(request: Request) -> ScanForm:
+    """The photo itself as the body (what camera firmware and `curl --data-binary` send),
+    the rest in the query string: `POST /v1/scan?task=price_tags`."""
+    query = request.query_params
+    unknown = sorted(set(query.keys()) - set(QUERY_FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown query parameter(s) {unknown}; expected {', '.join(QUERY_FIELDS)}", param=unknown[0]
+        )
+    task = query.get("task")
+    if not task:
+        raise InvalidRequest(
+            "query parameter 'task' is required with a photo as the body (POST /v1/scan?task=product_scan)",
+            param="task",
+        )
+    return ScanForm(task, [await request.body()], parse_locale(query.get("locale")), query.get("priority"))
+
+
 @router.post(
     "/v1/scan",
     response_model=ScanResult,
@@ -113,8 +133,20 @@ async def _from_json(request: Request) -> ScanForm:
                     }
                 },
                 "application/json": {"schema": ScanJSONRequest.model_json_schema()},
+                "image/*": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "One photo as the body; task, locale and priority in the query string.",
+                    }
+                },
             },
-        }
+        },
+        "parameters": [
+            {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "Only with a photo as the body (image/* or application/octet-stream)."}
+            for name in QUERY_FIELDS
+        ],
     },
 )
 async def scan(
@@ -136,10 +168,12 @@ async def scan(
         form = await _from_form(request, service.normalizer.max_bytes)
     elif content_type == "application/json":
         form = await _from_json(request)
+    elif content_type.startswith(RAW_BODY_TYPES):
+        form = await _from_raw_body(request)
     else:
         raise UnsupportedMedia(
-            f"content type {content_type or '(none)'!r} is not accepted; "
-            "use multipart/form-data or application/json",
+            f"content type {content_type or '(none)'!r} is not accepted; use multipart/form-data, "
+            "application/json, or the photo itself (image/jpeg, ...) with ?task=<task>",
             param="content-type",
         )
     if key is not None:  # keys are per client: two stores may pick the same one

@@ -66,6 +66,18 @@ def test_json_body_with_data_url_and_bare_base64(client):
     assert "fullness_pct" in r.json()["result"]
 
 
+@pytest.mark.parametrize("content_type", ["image/jpeg", "application/octet-stream"])
+def test_photo_as_the_body_with_task_in_the_query(client, fake_engine, content_type):
+    # What camera firmware and `curl --data-binary @photo.jpg` send.
+    fake_engine.answer = lambda _: completion(VALID_PRODUCTS)
+    r = client.post("/v1/scan", content=PHOTO, params={"task": "product_scan", "locale": "en"},
+                    headers={"content-type": content_type})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "product_scan" and body["locale"] == "en"
+    assert body["images"][0]["width"] == 1600 and body["result"]["products"][0]["box"]["x1"] == 160
+
+
 def test_iphone_heic_and_avif_uploads_are_scanned_as_jpeg(client, fake_engine):
     photo = Image.open(__import__("io").BytesIO(PHOTO))
     r = client.post("/v1/scan", files=[("image", ("IMG_0042.HEIC", encode(photo, "HEIF"), "image/heic")),
@@ -166,6 +178,15 @@ BAD_INPUTS = [
     ("pixel bomb", dict(files={"image": ("b.png", encode(Image.new("1", (12000, 12000)), "PNG"))},
                         data={"task": "product_scan"}), 413, "image_too_large"),
     ("plain text body", dict(content=b"hi", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+    ("raw photo, no task", dict(content=PHOTO, headers={"content-type": "image/jpeg"}), 400, "invalid_request"),
+    ("raw photo, unknown query", dict(content=PHOTO, headers={"content-type": "image/jpeg"},
+                                      params={"task": "product_scan", "tsak": "x"}), 400, "invalid_request"),
+    ("raw photo, bad priority", dict(content=PHOTO, headers={"content-type": "image/jpeg"},
+                                     params={"task": "product_scan", "priority": "now"}), 400, "invalid_request"),
+    ("raw body not a photo", dict(content=b"hello", headers={"content-type": "application/octet-stream"},
+                                  params={"task": "product_scan"}), 415, "unsupported_media_type"),
+    ("raw body empty", dict(content=b"", headers={"content-type": "image/png"}, params={"task": "product_scan"}),
+     422, "invalid_image"),
     ("json not object", dict(content=b"[1,2]", headers={"content-type": "application/json"}), 400, "invalid_request"),
     ("json broken", dict(content=b'{"task":', headers={"content-type": "application/json"}), 400, "invalid_request"),
     ("json no images", dict(json={"task": "product_scan", "images": []}), 400, "invalid_request"),
