@@ -240,16 +240,30 @@ def _convert(
 
 
 def _flatten(img: Image.Image) -> Image.Image:
-    """RGB on white: transparency would otherwise turn black in JPEG. 16-bit greyscale
-    (scanners, some PNGs) is scaled down to 8 bits, not clipped to white."""
-    if img.mode.startswith("I"):
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    """RGB on white: transparency would otherwise turn black in JPEG. High-bit-depth
+    greyscale is brought to 8 bits, not clipped to white or black."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit_grey(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """16-bit greyscale (scanners, some PNGs) scaled by 1/256; 32-bit integer and float
+    images (TIFFs from measuring cameras) rarely use their type's range (a float image
+    holds 0..1, a 32-bit one a sensor's 12-20 bits), so what they hold is stretched
+    over 0..255."""
+    if img.mode.startswith("I;16"):
+        return img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    low, high = img.getextrema()
+    if img.mode == "F" and 0 <= low and high <= 1:
+        low, high = 0.0, 1.0
+    scale = 255 / (high - low) if high > low else 0.0
+    return img.point(lambda v: v * scale - low * scale).convert("L")
 
 
 class ImageNormalizer:

@@ -219,3 +219,17 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped_to_white():
     sent = Image.open(io.BytesIO(out.jpeg)).convert("L")
     top, bottom = sent.getpixel((256, 5)), sent.getpixel((256, sent.height - 5))
     assert top < 30 and bottom > 220  # the ramp survives: dark at the top, light at the bottom
+
+
+@pytest.mark.parametrize(("mode", "scale", "offset"), [
+    ("F", 1 / 255, 0.0),  # float TIFF holding 0..1
+    ("F", 16.0, -1000.0),  # float TIFF in a camera's own units
+    ("I", 65793.0, 0.0),  # 32-bit TIFF holding 24 bits
+])
+def test_float_and_32_bit_greyscale_keep_their_ramp(mode, scale, offset):
+    ramp = Image.linear_gradient("L").resize((512, 512)).convert(mode)
+    deep = ramp.point(lambda v: v * scale + offset)
+    out = normalize_image(encode(deep, "TIFF"), BUDGET, **LIMITS)
+    sent = Image.open(io.BytesIO(out.jpeg)).convert("L")
+    top, bottom = sent.getpixel((256, 5)), sent.getpixel((256, sent.height - 5))
+    assert top < 30 and bottom > 220  # neither all black nor clipped to white
