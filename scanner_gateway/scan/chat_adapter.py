@@ -20,6 +20,7 @@ from scanner_gateway.scan.scan_models import (
     run_scan_model,
     scan_envelope,
     scan_model_name,
+    user_parts,
 )
 from scanner_gateway.scan.service import ScanService
 
@@ -29,20 +30,12 @@ def images_from_messages(messages: Any) -> list[str]:
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be a list", param="messages")
     images: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "image_url":
-                continue
-            ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            if not isinstance(url, str) or not url:
-                raise InvalidRequest("image_url parts need a url", param="messages")
-            images.append(url)
+    for part in user_parts(messages, "image_url"):
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest("image_url parts need a url", param="messages")
+        images.append(url)
     return images
 
 

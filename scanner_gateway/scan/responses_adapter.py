@@ -20,6 +20,7 @@ from scanner_gateway.scan.scan_models import (
     run_scan_model,
     scan_envelope,
     scan_model_name,
+    user_parts,
 )
 from scanner_gateway.scan.service import ScanService
 
@@ -31,22 +32,14 @@ def images_from_input(value: Any) -> list[str]:
     if not isinstance(value, list):
         raise InvalidRequest("input must be a string or a list of input items", param="input")
     images: list[str] = []
-    for item in value:
-        if not isinstance(item, dict) or item.get("role") != "user" or item.get("type", "message") != "message":
-            continue
-        content = item.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "input_image":
-                continue
-            url = part.get("image_url")
-            if not isinstance(url, str) or not url:
-                raise InvalidRequest(
-                    "input_image parts need an image_url (a data URL or base64; file_id is not supported)",
-                    param="input",
-                )
-            images.append(url)
+    for part in user_parts(value, "input_image"):
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise InvalidRequest(
+                "input_image parts need an image_url (a data URL or base64; file_id is not supported)",
+                param="input",
+            )
+        images.append(url)
     return images
 
 

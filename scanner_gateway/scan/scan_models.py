@@ -6,7 +6,7 @@ result in its API's answer shape; the scan itself is the same `ScanService.run`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from scanner_gateway.admission import PriorityClass
@@ -34,6 +34,17 @@ def result_json(result: ScanResult) -> str:
 def scan_envelope(result: ScanResult) -> dict[str, Any]:
     """Everything but the result (images, timings, warnings): the answer's extra `scan` field."""
     return result.model_dump(mode="json", exclude={"result"})
+
+
+def user_parts(items: list[Any], part_type: str) -> Iterator[dict[str, Any]]:
+    """The `part_type` parts of every user message's content list, in order (chat
+    messages and Responses input items share this shape)."""
+    for item in items:
+        if not isinstance(item, dict) or item.get("role") != "user" or item.get("type", "message") != "message":
+            continue
+        content = item.get("content")
+        if isinstance(content, list):
+            yield from (p for p in content if isinstance(p, dict) and p.get("type") == part_type)
 
 
 async def run_scan_model(
