@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         0, ge=0, description="Whole-request cap; 0 means max images x max_image_bytes x 4/3 + 1 MiB."
     )
+    image_url_hosts: str = Field(
+        "", description="Comma-separated hosts (fnmatch patterns, e.g. *.s3.amazonaws.com) whose "
+        "http(s) image URLs scans may name; empty = image URLs refused (the gateway fetches nothing)."
+    )
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Overall limit of one image URL fetch.")
     image_workers: int = Field(2, ge=1, description="Threads that decode and resize images.")
     image_queue_limit: int = Field(
         64, ge=1, description="Images allowed to wait for a worker before answering 429."
@@ -131,6 +136,9 @@ class Settings(BaseSettings):
         urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
         checked = [root_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
         return checked or [root_url(str(self.upstream_url))]
+
+    def image_url_host_patterns(self) -> list[str]:
+        return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
 
     def client_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

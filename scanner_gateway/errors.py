@@ -91,6 +91,13 @@ class Unauthorized(ClientError):
     type = "authentication_error"
 
 
+class ImageFetchFailed(ClientError):
+    """An image URL the client named could not be fetched (its host's fault or the
+    client's, not the gateway's)."""
+
+    code = "image_fetch_failed"
+
+
 class UnknownTask(ClientError):
     status = 404
     code = "unknown_task"

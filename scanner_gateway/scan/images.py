@@ -105,7 +105,8 @@ def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes
     """Bytes of a data URL (`data:image/...;base64,...`) or bare base64 string."""
     if ref.startswith(("http://", "https://")):
         raise InvalidRequest(
-            "image URLs are not fetched by the gateway; send the bytes as a data URL or base64",
+            "image URLs are not fetched by this gateway (its operator can allow hosts with "
+            "SCANNER_IMAGE_URL_HOSTS); send the bytes as a data URL or base64",
             param=param,
         )
     payload = ref

@@ -15,6 +15,7 @@ from scanner_gateway.errors import GatewayError, InvalidRequest, ModelOutputInva
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion
 from scanner_gateway.scan.idempotency import IdempotencyCache, request_fingerprint
+from scanner_gateway.scan.image_urls import ImageFetcher, is_image_url
 from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
 from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_output
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
@@ -68,6 +69,7 @@ class ScanService:
         request_timeout_s: float = 300.0,
         idempotency: IdempotencyCache | None = None,
         metrics: GatewayMetrics | None = None,
+        image_fetcher: ImageFetcher | None = None,
     ) -> None:
         self.registry = registry
         self.normalizer = normalizer
@@ -80,6 +82,8 @@ class ScanService:
         self.request_timeout_s = request_timeout_s
         self.idempotency = idempotency or IdempotencyCache()
         self.metrics = metrics or GatewayMetrics()
+        # None: image URLs are refused (SCANNER_IMAGE_URL_HOSTS unset).
+        self.image_fetcher = image_fetcher
 
     async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
         if not images:
@@ -91,7 +95,7 @@ class ScanService:
             )
         results = await asyncio.gather(
             *(
-                self.normalizer.normalize(data, task.budget, param=f"image[{i}]" if len(images) > 1 else "image")
+                self._normalize(data, task, param=f"image[{i}]" if len(images) > 1 else "image")
                 for i, data in enumerate(images)
             ),
             return_exceptions=True,
@@ -100,6 +104,11 @@ class ScanService:
             if isinstance(outcome, BaseException):
                 raise outcome
         return results  # type: ignore[return-value]
+
+    async def _normalize(self, data: bytes | str, task: Task, *, param: str) -> NormalizedImage:
+        if self.image_fetcher is not None and is_image_url(data):
+            data = await self.image_fetcher.fetch(data, param=param)
+        return await self.normalizer.normalize(data, task.budget, param=param)
 
     async def _answer(
         self, task: Task, model: str, images: Sequence[NormalizedImage], locale: Locale, priority: int | None
