@@ -269,7 +269,8 @@ def install_error_handlers(app: FastAPI) -> None:
         cls = _HTTP_STATUS_ERRORS.get(exc.status_code, InvalidRequest)
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # Starlette's routing miss
-            message = f"{request.method} {request.url.path[:200]} is not served here; the routes are listed at /docs"
+            path = request.url.path[:200]
+            message = f"{request.method} {path} is not served here; the routes are listed at /docs"
         # keep Starlette's status even for unmapped codes, and its headers (Allow on a 405)
         err = cls(message, headers=dict(exc.headers or {}))
         err.status = exc.status_code

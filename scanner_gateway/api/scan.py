@@ -47,8 +47,10 @@ class ScanJSONRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(description="Task name, see GET /v1/tasks.")
     images: list[str] = Field(
-        min_length=1, max_length=MAX_FORM_FILES, description="Data URLs or bare base64 strings; http(s) URLs only from hosts the operator "
-        "allows (SCANNER_IMAGE_URL_HOSTS)."
+        min_length=1,
+        max_length=MAX_FORM_FILES,
+        description="Data URLs or bare base64 strings; http(s) URLs only from hosts the "
+        "operator allows (SCANNER_IMAGE_URL_HOSTS).",
     )
     locale: Locale | None = None
     priority: PriorityClass | None = Field(default=None, description=PRIORITY_FIELD_HELP)

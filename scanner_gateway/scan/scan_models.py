@@ -60,5 +60,7 @@ async def run_scan_model(
     service.registry.get(task)  # an unknown model is a 404 whatever the request holds
     images = images_of(request)
     if not images:
-        raise InvalidRequest(f"model scan/{task} needs at least one {image_part} part in a user message", param=param)
+        raise InvalidRequest(
+            f"model scan/{task} needs at least one {image_part} part in a user message", param=param
+        )
     return await service.run(task, images, parse_locale(request.get("locale")), priority=priority)
