@@ -33,7 +33,8 @@ def images_from_input(value: Any) -> list[str]:
         raise InvalidRequest("input must be a string or a list of input items", param="input")
     images: list[str] = []
     for part in user_parts(value, "input_image"):
-        url = part.get("image_url")
+        ref = part.get("image_url")
+        url = ref.get("url") if isinstance(ref, dict) else ref  # chat's {"url": ...} shape, leniently
         if not isinstance(url, str) or not url:
             raise InvalidRequest(
                 "input_image parts need an image_url (a data URL or base64; file_id is not supported)",

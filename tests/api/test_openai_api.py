@@ -203,6 +203,12 @@ def test_scan_task_as_model_on_the_responses_api(client, fake_engine: FakeEngine
     assert "/v1/responses" not in {got.path for got in fake_engine.received}  # the scan asked for chat
 
 
+def test_responses_scan_model_takes_chat_style_image_objects_too(client):
+    parts = [{"type": "input_image", "image_url": {"url": PHOTO_URL}}]
+    r = client.post("/v1/responses", json={**RESPONSES_SCAN, "input": [{"role": "user", "content": parts}]})
+    assert r.status_code == 200, r.text
+
+
 def test_scan_model_streams_the_responses_api_events(client):
     r = client.post("/v1/responses", json={**RESPONSES_SCAN, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
