@@ -17,12 +17,13 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanner_gateway.context import request_id
+from scanner_gateway.errors import Draining, error_response, log_if_server_side
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.upstream.passthrough import RELAYED_PATHS
 
 log = logging.getLogger("scanner_gateway.access")
 MAX_REQUEST_ID = 128
-CLIENT_CLOSED = 499  # nginx's code for "client closed the request", in logs and metrics
+CUT_AT_SHUTDOWN = "the gateway shut down before this request finished; retry it"
 # Requests that never reach a FastAPI route (the raw relay, or no route at all).
 _UNROUTED = {path: path for path in RELAYED_PATHS}
 
@@ -60,19 +61,29 @@ class RequestContext:
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 500  # if the app dies before answering, uvicorn answers 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED  # the client left and its work was cancelled
-            raise
+            # Only the server cancels a request (a client that leaves ends its own with a
+            # 499 or a quiet return): uvicorn's graceful shutdown ran out of time. Say so
+            # with a retryable 503 rather than uvicorn's bare 500 and traceback.
+            status = Draining.status
+            if response_started:
+                raise  # mid-answer: only closing the connection can tell the client
+            err = log_if_server_side(Draining(CUT_AT_SHUTDOWN, headers={"Retry-After": "1"}))
+            await error_response(err)(scope, receive, send_with_id)
+            this_request = asyncio.current_task()
+            if this_request is not None:
+                this_request.uncancel()  # answered: the cancellation has been dealt with
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
