@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Security
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
@@ -34,6 +35,10 @@ from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.routing import build_policy
 
 MIB = 1024 * 1024
+# What a browser page may send and read cross-origin (SCANNER_CORS_ORIGINS).
+CORS_REQUEST_HEADERS = ("authorization", "content-type", "x-priority", "idempotency-key", "x-request-id")
+CORS_EXPOSED_HEADERS = ("x-request-id", "retry-after")
+CORS_MAX_AGE_S = 600
 
 
 def request_size_limit(settings: Settings, registry: TaskRegistry) -> int:
@@ -146,6 +151,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
     app.add_middleware(ApiKeyAuth, keys=keys)  # before any body is read
+    if origins := settings.cors_origin_list():
+        # Outside the key check: a browser's preflight carries no key.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=list(CORS_REQUEST_HEADERS),
+            expose_headers=list(CORS_EXPOSED_HEADERS),
+            max_age=CORS_MAX_AGE_S,
+        )
     app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
     return app
 

@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         "", description="Comma-separated client keys; empty (and no keys file) = auth off."
     )
     api_keys_file: Path | None = Field(None, description="File with one client key per line.")
+    cors_origins: str = Field(
+        "", description="Comma-separated browser origins (e.g. https://ops.example.com, or *) allowed "
+        "to call the API from their pages; empty = no CORS headers (same-origin only, like the scan page)."
+    )
     drain_s: float = Field(
         5.0, ge=0, description="On SIGTERM, report not-ready this long (still serving) before stopping."
     )
@@ -139,6 +143,9 @@ class Settings(BaseSettings):
 
     def image_url_host_patterns(self) -> list[str]:
         return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     def client_keys(self) -> list[str]:
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -35,8 +35,10 @@ COMPLETIONS_PATH = "/v1/completions"
 RESPONSES_PATH = "/v1/responses"  # the OpenAI SDKs' `client.responses.create`, which vLLM serves
 RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})
 SCAN_MODEL_PATHS = frozenset({CHAT_PATH, RESPONSES_PATH})  # where a `scan/<task>` model is served
-# Hop-by-hop headers are the proxy's business, not the engine's.
+# Hop-by-hop headers are the proxy's business, not the engine's; so is CORS (vLLM allows
+# every origin by default; the gateway's own policy is SCANNER_CORS_ORIGINS).
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
+_DROP_PREFIX = b"access-control-"
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
 # How a scan model's name can start in JSON (PHP escapes "/" by default).
 _SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
@@ -128,7 +130,8 @@ async def relay(
     started = False
     try:
         async with pool.stream(path, body, content_type) as (client, response):
-            headers = [(k.lower(), v) for k, v in response.raw_headers if k.lower() not in _DROP]
+            headers = [(k, v) for k, v in ((k.lower(), v) for k, v in response.raw_headers)
+                       if k not in _DROP and not k.startswith(_DROP_PREFIX)]
             if response.content_type == "text/event-stream":
                 headers.append((b"x-accel-buffering", b"no"))  # nginx-style proxies: do not buffer SSE
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
