@@ -1,10 +1,11 @@
-"""Request-body size cap, enforced while the body streams in (pure ASGI middleware)."""
+"""Request-body intake: size cap, enforced while the body streams in, and no compressed
+bodies (pure ASGI middleware)."""
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scanner_gateway.errors import PayloadTooLarge, error_response
+from scanner_gateway.errors import PayloadTooLarge, UnsupportedMedia, error_response
 
 
 class BodySizeLimit:
@@ -22,9 +23,21 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(self._error()).__call__(scope, receive, send)
+            return
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding != "identity":
+            # Read as-is, a compressed body would fail later as "invalid JSON" or reach
+            # vLLM, which does not decompress either: say what is wrong instead.
+            err = UnsupportedMedia(
+                f"request bodies are read uncompressed; Content-Encoding {encoding!r} is not accepted "
+                "(photos are compressed already)",
+                param="content-encoding",
+            )
+            await error_response(err)(scope, receive, send)
             return
         received = 0
 

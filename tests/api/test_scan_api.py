@@ -1,4 +1,5 @@
 import base64
+import gzip
 import json
 
 import pytest
@@ -210,6 +211,17 @@ def test_validation_error_lists_every_problem(client):
     assert "images: Field required" in error["message"]
     assert "image: Extra inputs are not permitted" in error["message"]
     assert error["param"] == "images"
+
+
+@pytest.mark.parametrize("path", ["/v1/scan", "/v1/chat/completions"])
+def test_compressed_bodies_are_415_not_invalid_json(client, fake_engine, path):
+    body = gzip.compress(json.dumps({"task": "storefront", "model": "m", "messages": []}).encode())
+    r = client.post(path, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert assert_error(r, 415, "unsupported_media_type")["param"] == "content-encoding"
+    assert not [got for got in fake_engine.received if got.path == path]  # vLLM would not decompress it either
+    ok = client.post("/v1/chat/completions", json={"model": "m", "messages": []},
+                     headers={"content-encoding": "identity"})
+    assert ok.status_code != 415
 
 
 def test_request_body_cap_is_413_before_reading(client):
