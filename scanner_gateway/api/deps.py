@@ -9,8 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from scanner_gateway.api.auth import client_scope
 from scanner_gateway.config import Settings
 from scanner_gateway.protocol import ErrorResponse
+from scanner_gateway.scan.idempotency import check_key
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.pool import ReplicaPool
@@ -36,6 +38,17 @@ ScanServiceDep = Annotated[ScanService, Depends(get_scan_service)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 PoolDep = Annotated[ReplicaPool, Depends(get_pool)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+
+
+def scoped_idempotency_key(request: Request) -> str | None:
+    """The client's `Idempotency-Key`, checked, and scoped to its credentials: two stores
+    may pick the same key."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    return f"{client_scope(request.headers.get('authorization'))}:{check_key(key)}"
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:

@@ -20,6 +20,7 @@ from scanner_gateway.api.deps import (
     ScanServiceDep,
     SettingsDep,
     error_responses,
+    scoped_idempotency_key,
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.errors import NotFound
@@ -64,7 +65,8 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
     if task is None:  # not ours to judge: the engine answers, errors included
         return PassthroughResponse(request.app.state.chat_relay, body, request.headers, CHAT_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
-    result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority))
+    key = scoped_idempotency_key(request)
+    result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority, key))
     if fields.get("stream"):
         return StreamingResponse(
             chat_adapter.chat_completion_chunks(result, chat_adapter.wants_usage_chunk(fields)),
@@ -81,7 +83,10 @@ async def responses(request: Request, service: ScanServiceDep, settings: Setting
     if task is None:
         return PassthroughResponse(request.app.state.chat_relay, body, request.headers, RESPONSES_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
-    result = await cancel_on_disconnect(request, responses_adapter.scan_as_response(service, task, fields, priority))
+    key = scoped_idempotency_key(request)
+    result = await cancel_on_disconnect(
+        request, responses_adapter.scan_as_response(service, task, fields, priority, key)
+    )
     if fields.get("stream"):
         return StreamingResponse(responses_adapter.response_events(result), media_type="text/event-stream")
     return JSONResponse(responses_adapter.response_object(result))

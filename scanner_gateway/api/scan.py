@@ -11,8 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from scanner_gateway.admission import PRIORITY_CLASSES, PriorityClass, parse_priority
-from scanner_gateway.api.auth import client_scope
-from scanner_gateway.api.deps import RegistryDep, ScanServiceDep, SettingsDep, error_responses
+from scanner_gateway.api.deps import (
+    RegistryDep,
+    ScanServiceDep,
+    SettingsDep,
+    error_responses,
+    scoped_idempotency_key,
+)
 from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.errors import (
     ImageTooLarge,
@@ -20,7 +25,6 @@ from scanner_gateway.errors import (
     UnsupportedMedia,
     invalid_request_from,
 )
-from scanner_gateway.scan.idempotency import check_key
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.tasks import Locale, parse_locale
 
@@ -159,13 +163,13 @@ async def scan(
     x_priority: Annotated[
         str | None, Header(description="interactive (default) or batch; a `priority` field wins.")
     ] = None,
-    idempotency_key: Annotated[
+    idempotency_key: Annotated[  # declared for the OpenAPI document; read by scoped_idempotency_key
         str | None, Header(description="Repeat a request with the same key to get its first result.")
     ] = None,
 ) -> ScanResult:
     """Scan one or more photos with a retail task; returns the typed result."""
     priority = parse_priority(x_priority, settings.scan_priority)
-    key = check_key(idempotency_key) if idempotency_key is not None else None
+    key = scoped_idempotency_key(request)  # checked before the body is read
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await _from_form(request, service.normalizer.max_bytes)
@@ -179,8 +183,6 @@ async def scan(
             "application/json, or the photo itself (image/jpeg, ...) with ?task=<task>",
             param="content-type",
         )
-    if key is not None:  # keys are per client: two stores may pick the same one
-        key = f"{client_scope(request.headers.get('authorization'))}:{key}"
     priority = parse_priority(form.priority, priority, param="priority")
     return await cancel_on_disconnect(
         request, service.run(form.task, form.images, form.locale, priority=priority, idempotency_key=key)

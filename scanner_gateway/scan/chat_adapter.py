@@ -40,14 +40,18 @@ def images_from_messages(messages: Any) -> list[str]:
 
 
 async def scan_as_chat(
-    service: ScanService, task: str, request: dict[str, Any], priority: PriorityClass
+    service: ScanService,
+    task: str,
+    request: dict[str, Any],
+    priority: PriorityClass,
+    idempotency_key: str | None = None,
 ) -> ScanResult:
     if request.get("n") not in (None, 1):
         # One scan, one answer: n copies of it would only look like independent samples.
         raise InvalidRequest(f"model scan/{task} gives one answer per request; drop n", param="n")
     return await run_scan_model(
         service, task, request, lambda r: images_from_messages(r.get("messages")), priority,
-        image_part="image_url", param="messages",
+        image_part="image_url", param="messages", idempotency_key=idempotency_key,
     )
 
 

@@ -45,11 +45,15 @@ def images_from_input(value: Any) -> list[str]:
 
 
 async def scan_as_response(
-    service: ScanService, task: str, request: dict[str, Any], priority: PriorityClass
+    service: ScanService,
+    task: str,
+    request: dict[str, Any],
+    priority: PriorityClass,
+    idempotency_key: str | None = None,
 ) -> ScanResult:
     return await run_scan_model(
         service, task, request, lambda r: images_from_input(r.get("input")), priority,
-        image_part="input_image", param="input",
+        image_part="input_image", param="input", idempotency_key=idempotency_key,
     )
 
 

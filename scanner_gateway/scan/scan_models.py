@@ -56,6 +56,7 @@ async def run_scan_model(
     *,
     image_part: str,
     param: str,
+    idempotency_key: str | None = None,
 ) -> ScanResult:
     service.registry.get(task)  # an unknown model is a 404 whatever the request holds
     images = images_of(request)
@@ -63,4 +64,6 @@ async def run_scan_model(
         raise InvalidRequest(
             f"model scan/{task} needs at least one {image_part} part in a user message", param=param
         )
-    return await service.run(task, images, parse_locale(request.get("locale")), priority=priority)
+    return await service.run(
+        task, images, parse_locale(request.get("locale")), priority=priority, idempotency_key=idempotency_key
+    )

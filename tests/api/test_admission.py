@@ -9,11 +9,14 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
 from tests.api.test_scan_api import PHOTO, assert_error
 from tests.fake_engine import FakeReply, completion
+
+PHOTO_URL = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
 
 
 def slow(delay_s: float):
@@ -116,6 +119,21 @@ def test_repeated_idempotency_key_scans_once(client, fake_engine):
     assert_error(reused, 422, "idempotency_key_reused")
     assert client.post("/v1/scan", headers={"Idempotency-Key": "k-2"}, **form).json()["id"] not in ids
     assert_error(client.post("/v1/scan", headers={"Idempotency-Key": "x" * 300}, **form), 400, "invalid_request")
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "scan/storefront", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO_URL}}]}]}),
+    ("/v1/responses", {"model": "scan/storefront", "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": PHOTO_URL}]}]}),
+])
+def test_scan_models_honour_idempotency_keys_too(client, fake_engine, path, body):
+    # An OpenAI SDK retrying over a flaky store network (extra_headers={"Idempotency-Key": ...}).
+    first, again = (client.post(path, json=body, headers={"Idempotency-Key": "sdk-1"}) for _ in range(2))
+    assert first.status_code == again.status_code == 200
+    assert first.json()["scan"]["id"] == again.json()["scan"]["id"] and len(fake_engine.payloads) == 1
+    assert client.post(path, json=body, headers={"Idempotency-Key": "sdk-2"}).json()["scan"]["id"] != \
+        first.json()["scan"]["id"]
 
 
 def test_failed_idempotent_scan_is_not_kept(client, fake_engine):
