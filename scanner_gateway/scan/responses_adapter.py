@@ -57,8 +57,9 @@ async def scan_as_response(
     )
 
 
-def response_object(result: ScanResult) -> dict[str, Any]:
-    return _response(result, "completed", [_message(result, "completed")])
+def response_object(result: ScanResult, text: str | None = None) -> dict[str, Any]:
+    text = result_json(result) if text is None else text
+    return _response(result, "completed", [_message(result, "completed", text)])
 
 
 async def response_events(result: ScanResult) -> AsyncIterator[bytes]:
@@ -71,7 +72,7 @@ async def response_events(result: ScanResult) -> AsyncIterator[bytes]:
         {"type": "response.created", "response": in_progress},
         {"type": "response.in_progress", "response": in_progress},
         {"type": "response.output_item.added", "output_index": 0,
-         "item": {**_message(result, "in_progress"), "content": []}},
+         "item": {**_message(result, "in_progress", text), "content": []}},
         {"type": "response.content_part.added", "item_id": item_id, "output_index": 0, "content_index": 0,
          "part": {**part, "text": ""}},
         {"type": "response.output_text.delta", "item_id": item_id, "output_index": 0, "content_index": 0,
@@ -80,8 +81,8 @@ async def response_events(result: ScanResult) -> AsyncIterator[bytes]:
          "text": text, "logprobs": []},
         {"type": "response.content_part.done", "item_id": item_id, "output_index": 0, "content_index": 0,
          "part": part},
-        {"type": "response.output_item.done", "output_index": 0, "item": _message(result, "completed")},
-        {"type": "response.completed", "response": response_object(result)},
+        {"type": "response.output_item.done", "output_index": 0, "item": _message(result, "completed", text)},
+        {"type": "response.completed", "response": response_object(result, text)},
     ]
     for number, event in enumerate(events):
         data = json.dumps({**event, "sequence_number": number}, ensure_ascii=False)
@@ -92,10 +93,10 @@ def _message_id(result: ScanResult) -> str:
     return f"msg_{result.id}"
 
 
-def _message(result: ScanResult, status: str) -> dict[str, Any]:
+def _message(result: ScanResult, status: str, text: str) -> dict[str, Any]:
     return {
         "type": "message", "id": _message_id(result), "role": "assistant", "status": status,
-        "content": [{"type": "output_text", "text": result_json(result), "annotations": []}],
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
     }
 
 
