@@ -8,7 +8,7 @@ from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import ImmutableMultiDict, UploadFile
 
 from scanner_gateway.admission import PRIORITY_CLASSES, PriorityClass, parse_priority
 from scanner_gateway.api.deps import (
@@ -60,6 +60,13 @@ class ScanJSONRequest(BaseModel):
     priority: PriorityClass | None = Field(default=None, description=PRIORITY_FIELD_HELP)
 
 
+def _refuse_repeats(fields: ImmutableMultiDict, names: Sequence[str], kind: str) -> None:
+    """A single-valued field given twice is ambiguous: say so rather than pick one."""
+    for name in names:
+        if len(fields.getlist(name)) > 1:
+            raise InvalidRequest(f"{kind} '{name}' is given more than once", param=name)
+
+
 async def _from_form(request: Request, max_image_bytes: int) -> ScanForm:
     form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES)
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
@@ -69,6 +76,7 @@ async def _from_form(request: Request, max_image_bytes: int) -> ScanForm:
             "(send photos in the 'image' field)",
             param=unknown[0],
         )
+    _refuse_repeats(form, QUERY_FIELDS, "form field")
     task = form.get("task")
     if not isinstance(task, str) or not task:
         raise InvalidRequest("form field 'task' is required", param="task")
@@ -103,6 +111,7 @@ async def _from_raw_body(request: Request) -> ScanForm:
         raise InvalidRequest(
             f"unknown query parameter(s) {unknown}; expected {', '.join(QUERY_FIELDS)}", param=unknown[0]
         )
+    _refuse_repeats(query, QUERY_FIELDS, "query parameter")
     task = query.get("task")
     if not task:
         raise InvalidRequest(
