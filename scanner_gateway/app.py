@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import openai, ops, scan, web
 from scanner_gateway.api.auth import ApiKeyAuth
-from scanner_gateway.api.limits import BodySizeLimit
+from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
@@ -30,10 +31,11 @@ from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.client import EngineClient, build_session
-from scanner_gateway.upstream.passthrough import ChatPassthrough, ChatRelay
+from scanner_gateway.upstream.passthrough import RELAYED_PATHS, ChatPassthrough, ChatRelay
 from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.routing import build_policy
 
+log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # What a browser page may send and read cross-origin (SCANNER_CORS_ORIGINS).
 CORS_REQUEST_HEADERS = ("authorization", "content-type", "x-priority", "idempotency-key", "x-request-id")
@@ -150,6 +152,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(BodySizeLimit, max_bytes=request_size_limit(settings, registry))
+    if keys and settings.max_in_flight_per_key:
+        app.add_middleware(
+            KeyConcurrencyLimit,
+            max_in_flight=settings.max_in_flight_per_key,
+            limited_paths={*RELAYED_PATHS, scan.SCAN_PATH},
+            metrics=metrics,
+        )
+    elif settings.max_in_flight_per_key:
+        log.warning("SCANNER_MAX_IN_FLIGHT_PER_KEY is set but API keys are off: no per-key limit applies")
     app.add_middleware(ApiKeyAuth, keys=keys)  # before any body is read
     if origins := settings.cors_origin_list():
         # Outside the key check: a browser's preflight carries no key.

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         "", description="Comma-separated client keys; empty (and no keys file) = auth off."
     )
     api_keys_file: Path | None = Field(None, description="File with one client key per line.")
+    max_in_flight_per_key: int = Field(
+        0, ge=0, description="Scan and completion requests one API key may have open at once (more get "
+        "429 key_over_limit), so one store's runaway client cannot fill the queue for all; 0 = no limit. "
+        "Needs API keys."
+    )
     cors_origins: str = Field(
         "", description="Comma-separated browser origins (e.g. https://ops.example.com, or *) allowed "
         "to call the API from their pages; empty = no CORS headers (same-origin only, like the scan page)."
@@ -129,11 +134,12 @@ class Settings(BaseSettings):
 
     def for_one_of(self, workers: int) -> Settings:
         """The settings of one of `workers` processes: each admits its share of the
-        in-flight cap and of the queue, so the engines see the cap the operator set (not
-        workers x cap). Rounded down, at least one slot each."""
+        in-flight cap, of the queue and of each key's limit, so the engines (and keys) see
+        the caps the operator set (not workers x cap). Rounded down, at least one slot each."""
         return self.model_copy(update={
             "max_in_flight_per_replica": max(1, self.max_in_flight_per_replica // workers),
             "queue_limit": self.queue_limit // workers,
+            "max_in_flight_per_key": self.max_in_flight_per_key and max(1, self.max_in_flight_per_key // workers),
         })
 
     def upstream_urls(self) -> list[str]:

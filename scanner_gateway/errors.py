@@ -148,6 +148,12 @@ class Overloaded(ClientError):
         super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s)})
 
 
+class KeyOverLimit(Overloaded):
+    """This client (API key) has its share of requests open; others are still served."""
+
+    code = "key_over_limit"
+
+
 class ClientClosedRequest(ClientError):
     """The client hung up before the answer, and its work was stopped. Nobody reads this
     answer: its status (nginx's 499) is for logs and metrics."""

@@ -133,6 +133,9 @@ class GatewayMetrics:
                             multiprocess_mode="livesum", registry=r)
         self.rejections = Counter("scanner_admission_rejections", "Requests refused with 429.", ["priority"],
                                   registry=r)
+        self.client_limit_rejections = Counter(
+            "scanner_client_limit_rejections", "Requests refused with 429 because their API key had "
+            "SCANNER_MAX_IN_FLIGHT_PER_KEY requests open.", registry=r)
         self.replica_healthy = Gauge("scanner_replica_healthy", "1 if the replica is routable.", ["replica"],
                                      multiprocess_mode="mostrecent", registry=r)
         self.replica_in_flight = Gauge("scanner_replica_in_flight", "Requests open on the replica.", ["replica"],

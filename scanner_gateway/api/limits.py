@@ -1,11 +1,16 @@
-"""Request-body intake: size cap, enforced while the body streams in, and no compressed
-bodies (pure ASGI middleware)."""
+"""Request intake limits (pure ASGI middleware): the body size cap, enforced while the
+body streams in, no compressed bodies, and requests open per API key."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scanner_gateway.errors import PayloadTooLarge, UnsupportedMedia, error_response
+from scanner_gateway.api.auth import client_scope
+from scanner_gateway.errors import KeyOverLimit, PayloadTooLarge, UnsupportedMedia, error_response
+from scanner_gateway.metrics import GatewayMetrics
 
 
 class BodySizeLimit:
@@ -54,3 +59,38 @@ class BodySizeLimit:
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes", param="body")
+
+
+class KeyConcurrencyLimit:
+    """At most `max_in_flight` requests open per API key on the `limited_paths` (the ones
+    that reach an engine), counted from arrival to the last byte of the answer, queueing
+    included. One store's runaway client then gets 429 `key_over_limit` while the others
+    are still admitted; without it, it could fill the shared admission queue alone.
+    Installed inside the key check, so only valid keys are counted."""
+
+    def __init__(
+        self, app: ASGIApp, max_in_flight: int, limited_paths: Collection[str], metrics: GatewayMetrics
+    ) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.limited_paths = frozenset(limited_paths)
+        self.metrics = metrics
+        self.open: Counter[str] = Counter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.limited_paths:
+            await self.app(scope, receive, send)
+            return
+        key = client_scope(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+        if self.open[key] >= self.max_in_flight:
+            self.metrics.client_limit_rejections.inc()
+            err = KeyOverLimit(f"this API key already has {self.max_in_flight} requests open; retry shortly")
+            await error_response(err)(scope, receive, send)
+            return
+        self.open[key] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open[key] -= 1
+            if not self.open[key]:
+                del self.open[key]  # bounded by the keys with requests open

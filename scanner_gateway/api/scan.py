@@ -30,6 +30,7 @@ from scanner_gateway.scan.tasks import Locale, parse_locale
 
 router = APIRouter(tags=["scan"])
 
+SCAN_PATH = "/v1/scan"
 MAX_FORM_FILES = 16
 FORM_FIELDS = ("task", "locale", "priority", "image")
 QUERY_FIELDS = ("task", "locale", "priority")  # with a raw photo body
@@ -122,7 +123,7 @@ async def _from_raw_body(request: Request) -> ScanForm:
 
 
 @router.post(
-    "/v1/scan",
+    SCAN_PATH,
     response_model=ScanResult,
     responses=error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504),
     openapi_extra={

@@ -142,3 +142,24 @@ def test_failed_idempotent_scan_is_not_kept(client, fake_engine):
     assert client.post("/v1/scan", headers={"Idempotency-Key": "k"}, **form).status_code == 502
     fake_engine.answer = slow(0)
     assert client.post("/v1/scan", headers={"Idempotency-Key": "k"}, **form).status_code == 200
+
+
+def test_one_key_over_its_limit_gets_429_while_other_keys_are_served(settings, fake_engine):
+    fake_engine.answer = slow(0.8)
+    update = {"api_keys": "store-a,store-b", "max_in_flight_per_key": 2}
+    store_a, store_b = ({"Authorization": f"Bearer {k}"} for k in ("store-a", "store-b"))
+    form = {"files": {"image": ("a.jpg", PHOTO)}, "data": {"task": "storefront"}}
+    with TestClient(create_app(settings.model_copy(update=update))) as c, ThreadPoolExecutor(6) as pool:
+        runaway = [pool.submit(c.post, "/v1/chat/completions", json=chat(str(i)), headers=store_a) for i in range(2)]
+        time.sleep(0.3)  # store A has its two open
+        refused = [c.post("/v1/scan", headers=store_a, **form), c.post("/v1/chat/completions", json=chat("x"),
+                                                                        headers=store_a)]
+        other = pool.submit(c.post, "/v1/scan", headers=store_b, **form)
+        assert [r.result().status_code for r in runaway] == [200, 200] and other.result().status_code == 200
+        assert c.post("/v1/chat/completions", json=chat("later"), headers=store_a).status_code == 200  # freed
+        assert c.get("/v1/tasks", headers=store_a).status_code == 200  # cheap routes are not counted
+        metrics = c.get("/metrics").text
+    for r in refused:
+        assert_error(r, 429, "key_over_limit")
+        assert r.headers["retry-after"] == "1"
+    assert "scanner_client_limit_rejections_total 2.0" in metrics

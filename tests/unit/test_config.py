@@ -34,3 +34,8 @@ def test_a_malformed_upstream_stops_startup():
 def test_workers_share_the_admission_limits(cap, queue, workers, each):
     share = Settings(max_in_flight_per_replica=cap, queue_limit=queue).for_one_of(workers)
     assert (share.max_in_flight_per_replica, share.queue_limit) == each
+
+
+@pytest.mark.parametrize(("per_key", "workers", "each"), [(0, 4, 0), (8, 2, 4), (3, 4, 1), (5, 1, 5)])
+def test_workers_share_each_keys_limit_and_off_stays_off(per_key, workers, each):
+    assert Settings(max_in_flight_per_key=per_key).for_one_of(workers).max_in_flight_per_key == each
