@@ -50,6 +50,8 @@ def test_passthrough_forwards_the_body_byte_for_byte(settings, fake_engine):
      "text_completion"),
     # The newer OpenAI SDKs' client.responses.create.
     ("/v1/responses", {"model": "m", "input": "hello", "max_output_tokens": 4}, "response"),
+    # Names a scan model only in its text: through the FastAPI route, still relayed to /v1/responses.
+    ("/v1/responses", {"model": "m", "input": "what does scan/price_tags do?"}, "response"),
 ])
 def test_completions_and_responses_are_relayed_too(client, fake_engine, path, body, kind):
     fake_engine.answer = lambda _: FakeReply.json(200, {"id": "x-1", "object": kind})
