@@ -33,12 +33,13 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(self._error()).__call__(scope, receive, send)
             return
-        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-        if encoding != "identity":
+        encoding = headers.get(b"content-encoding")  # absent on nearly every request: no work then
+        if encoding is not None and encoding.strip().lower() != b"identity":
             # Read as-is, a compressed body would fail later as "invalid JSON" or reach
             # vLLM, which does not decompress either: say what is wrong instead.
             err = UnsupportedMedia(
-                f"request bodies are read uncompressed; Content-Encoding {encoding!r} is not accepted "
+                f"request bodies are read uncompressed; Content-Encoding "
+                f"{encoding.decode('latin-1').strip()!r} is not accepted "
                 "(photos are compressed already)",
                 param="content-encoding",
             )

@@ -130,8 +130,11 @@ async def relay(
     started = False
     try:
         async with pool.stream(path, body, content_type) as (client, response):
-            headers = [(k, v) for k, v in ((k.lower(), v) for k, v in response.raw_headers)
-                       if k not in _DROP and not k.startswith(_DROP_PREFIX)]
+            headers = []
+            for name, value in response.raw_headers:
+                name = name.lower()
+                if name not in _DROP and not name.startswith(_DROP_PREFIX):
+                    headers.append((name, value))
             if response.content_type == "text/event-stream":
                 headers.append((b"x-accel-buffering", b"no"))  # nginx-style proxies: do not buffer SSE
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
