@@ -154,6 +154,28 @@ class KeyOverLimit(Overloaded):
     code = "key_over_limit"
 
 
+class EngineRejected(ClientError):
+    """The engine refused a relayed request (a 4xx of vLLM's: bad field, unknown model).
+
+    The client's mistake, so its status and the engine's own message, type, code and
+    param go back as they came; a body not in OpenAI's shape (FastAPI's `{"detail"}`,
+    plain text) is put into it.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str | int | None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, headers=headers)
+        self.status, self.type, self.code = status, type, code  # type: ignore[misc]
+
+
 class ClientClosedRequest(ClientError):
     """The client hung up before the answer, and its work was stopped. Nobody reads this
     answer: its status (nginx's 499) is for logs and metrics."""
@@ -170,6 +192,13 @@ class UpstreamError(GatewayError):
 
 class EngineError(UpstreamError):
     pass
+
+
+class EngineAuthFailed(EngineError):
+    """The engine refused the gateway's own credentials: SCANNER_UPSTREAM_API_KEY does not
+    match vLLM's --api-key. An operator's fault, never the client's (so not a 401)."""
+
+    code = "engine_auth_failed"
 
 
 class ModelNotServed(EngineError):
@@ -225,6 +254,14 @@ _HTTP_STATUS_ERRORS: dict[int, type[ClientError]] = {
 }
 
 
+def client_error_for_status(status: int, message: str, headers: dict[str, str] | None = None) -> ClientError:
+    """A 4xx someone else decided (Starlette's routing, the engine) as one of ours,
+    keeping its status even where our tree has no class for it."""
+    err = _HTTP_STATUS_ERRORS.get(status, InvalidRequest)(message, headers=headers)
+    err.status = status  # type: ignore[misc]
+    return err
+
+
 MAX_LISTED_PROBLEMS = 5
 _LOCATION_ROOTS = frozenset({"body", "query", "path", "header"})
 
@@ -272,15 +309,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cls = _HTTP_STATUS_ERRORS.get(exc.status_code, InvalidRequest)
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # Starlette's routing miss
             path = request.url.path[:200]
             message = f"{request.method} {path} is not served here; the routes are listed at /docs"
-        # keep Starlette's status even for unmapped codes, and its headers (Allow on a 405)
-        err = cls(message, headers=dict(exc.headers or {}))
-        err.status = exc.status_code
-        return error_response(err)
+        # its headers too (Allow on a 405)
+        return error_response(client_error_for_status(exc.status_code, message, dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 class ErrorBody(BaseModel):
     message: str
     type: str
-    code: str
+    code: str | int | None  # ours are strings; an engine's relayed verdict may carry vLLM's int
     param: str | None = None
 
 

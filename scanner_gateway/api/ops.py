@@ -12,6 +12,7 @@ router = APIRouter(tags=["ops"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)  # uptime monitors and some load balancers probe with HEAD
 async def health() -> dict[str, str]:
     """The process is alive (no dependency checks)."""
     return {"status": "ok"}
@@ -25,6 +26,7 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/ready", responses=error_responses(503))
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request, registry: RegistryDep, pool: PoolDep) -> JSONResponse:
     """Ready when the tasks are loaded, at least one engine replica is healthy, and the
     gateway is not draining for shutdown."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args
@@ -97,7 +98,8 @@ async def _from_form(request: Request, max_image_bytes: int) -> ScanForm:
 
 async def _from_json(request: Request) -> ScanForm:
     try:
-        body = ScanJSONRequest.model_validate_json(await request.body())
+        # Windows tools (PowerShell's Out-File, Notepad) start files with a BOM; RFC 8259 lets us skip it.
+        body = ScanJSONRequest.model_validate_json((await request.body()).removeprefix(codecs.BOM_UTF8))
     except ValidationError as exc:
         raise invalid_request_from(exc.errors()) from exc
     return ScanForm(body.task, body.images, body.locale, body.priority)

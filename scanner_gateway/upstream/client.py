@@ -12,7 +12,9 @@ so nothing above ever sees an aiohttp exception:
     engine says 503, or drops the connection before answering
                                       -> UpstreamUnavailable (503; safe to retry elsewhere)
     no answer within the read timeout -> UpstreamTimeout (504)
-    dropped connection, engine 4xx/5xx, garbage body -> EngineError (502, engine's message)
+    dropped connection, engine 5xx, garbage body -> EngineError (502, engine's message)
+    engine 401/403 (our upstream key is wrong)   -> EngineAuthFailed (502)
+    engine 4xx to a relayed request              -> EngineRejected (its status, OpenAI shape)
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ import aiohttp
 
 from scanner_gateway.context import request_id
 from scanner_gateway.errors import (
+    EngineAuthFailed,
     EngineDropped,
     EngineError,
+    EngineRejected,
     EngineSlowToConnect,
     EngineUnreachable,
     ModelNotServed,
     UpstreamTimeout,
     UpstreamUnavailable,
+    client_error_for_status,
 )
 from scanner_gateway.protocol import ChatCompletion, ModelCard, ModelList
 
@@ -40,6 +45,8 @@ PROBE_TIMEOUT_S = 5.0  # generous: a busy engine's API process answers late, not
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: we drop an idle connection before the
 # engine does, so a request never lands on a socket the engine is closing.
 KEEPALIVE_S = 4.0
+ERROR_BODY_LIMIT = 64 * 1024  # an error body is read whole to judge it; vLLM's are < 1 KB
+_REFUSED_CREDENTIALS = frozenset({401, 403})
 
 
 def build_session(*, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
@@ -90,11 +97,47 @@ def engine_error_message(status: int, body: bytes) -> str:
     return json.dumps(parsed)[:500]
 
 
+def engine_verdict(status: int, body: bytes, retry_after: str | None) -> EngineRejected:
+    """A relayed request's 4xx as our error: the engine's own fields when it answered in
+    OpenAI's shape (vLLM mostly does), else its message put into that shape."""
+    headers = {"Retry-After": retry_after} if retry_after else None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        param = err.get("param")
+        return EngineRejected(
+            status, err["message"], type=str(err.get("type") or "invalid_request_error"),
+            code=err.get("code"), param=param if isinstance(param, str) else None, headers=headers,
+        )
+    ours = client_error_for_status(status, engine_error_message(status, body))
+    return EngineRejected(status, ours.message, type=ours.type, code=ours.code, headers=headers)
+
+
 def raise_for_engine_status(base_url: str, status: int, body: bytes) -> None:
     if status == 503:
         raise UpstreamUnavailable(f"engine at {base_url} is unavailable: {engine_error_message(status, body)}")
+    if status in _REFUSED_CREDENTIALS:
+        raise EngineAuthFailed(
+            f"engine at {base_url} refused the gateway's credentials ({status}: "
+            f"{engine_error_message(status, body)}); SCANNER_UPSTREAM_API_KEY must match vLLM's --api-key"
+        )
     if status >= 400:
         raise EngineError(f"engine answered {status}: {engine_error_message(status, body)}")
+
+
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of a body (a misbehaving engine's error page can be any size)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
 
 
 class EngineClient:
@@ -123,19 +166,22 @@ class EngineClient:
         client yet, so the pool may retry elsewhere); any other 5xx raises EngineError, a
         502 with the engine's message: to the client it is a fault of the server behind the
         gateway (vLLM answers 500 when, say, it cannot fetch an image URL), never a 500 of
-        the gateway's own. 4xx errors are returned, so a pass-through hands the engine's
-        own error body (which names the bad field) to its client.
+        the gateway's own; so does a 401/403, the gateway's key being wrong. Other 4xx
+        raise EngineRejected, the engine's verdict (which names the bad field) with its
+        status, for the client.
         """
         headers = self._headers(**{"Content-Type": content_type or "application/json"})
         with translate_errors(self.base_url, path):
             resp = await self._session.post(f"{self.base_url}{path}", data=body, headers=headers)
-            if resp.status >= 500:
-                try:
-                    detail = await resp.read()
-                finally:
-                    resp.close()
-                raise_for_engine_status(self.base_url, resp.status, detail)
-        return resp
+            if resp.status < 400:
+                return resp
+            try:
+                detail = await read_bounded(resp, ERROR_BODY_LIMIT)
+            finally:
+                resp.release() if resp.content.at_eof() else resp.close()  # keep the connection if we can
+        if resp.status >= 500 or resp.status in _REFUSED_CREDENTIALS:
+            raise_for_engine_status(self.base_url, resp.status, detail)
+        raise engine_verdict(resp.status, detail, resp.headers.get("Retry-After"))
 
     async def relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The body of an `open_stream` response, chunk by chunk as it arrives."""

@@ -94,6 +94,30 @@ def test_engine_errors_pass_through_with_their_status(client, fake_engine):
     assert r.status_code == 400 and r.json() == err
 
 
+@pytest.mark.parametrize(
+    ("reply", "status", "code", "message"),
+    [
+        # FastAPI's own errors inside vLLM (a body nested too deep for its JSON parser)
+        (FakeReply.json(400, {"detail": "There was an error parsing the body"}), 400, "invalid_request",
+         "There was an error parsing the body"),
+        (FakeReply(404, (b"Not Found",), {"content-type": "text/plain"}), 404, "not_found", "Not Found"),
+        (FakeReply(413, ()), 413, "payload_too_large", "HTTP 413"),
+    ],
+)
+def test_engine_rejections_in_other_shapes_come_back_in_ours(client, fake_engine, reply, status, code, message):
+    fake_engine.answer = lambda _: reply
+    err = assert_error(client.post("/v1/chat/completions", json={"model": "m", "messages": []}), status, code)
+    assert err["message"] == message
+
+
+def test_engine_refusing_the_gateways_key_is_a_502_not_the_clients_401(client, fake_engine, caplog, unthrottled):
+    fake_engine.reply = lambda path, raw: FakeReply.json(401, {"error": "Unauthorized"})  # vLLM's own words
+    for r in (client.post("/v1/chat/completions", json={"model": "m", "messages": []}), client.get("/v1/models")):
+        err = assert_error(r, 502, "engine_auth_failed")
+        assert "SCANNER_UPSTREAM_API_KEY" in err["message"]
+    assert any("engine_auth_failed" in r.getMessage() for r in caplog.records)
+
+
 @pytest.fixture
 def unthrottled(monkeypatch):
     """Every "answered 5xx" line logged, whatever earlier tests logged in the last second."""

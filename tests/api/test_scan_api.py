@@ -1,4 +1,5 @@
 import base64
+import codecs
 import gzip
 import json
 
@@ -67,6 +68,13 @@ def test_json_body_with_data_url_and_bare_base64(client):
     assert "fullness_pct" in r.json()["result"]
 
 
+def test_json_body_saved_by_a_windows_tool_with_a_bom(client):
+    body = json.dumps({"task": "price_tags", "images": [base64.b64encode(PHOTO).decode()]}).encode()
+    r = client.post("/v1/scan", content=codecs.BOM_UTF8 + body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["task"] == "price_tags"
+
+
 @pytest.mark.parametrize("content_type", ["image/jpeg", "application/octet-stream"])
 def test_photo_as_the_body_with_task_in_the_query(client, fake_engine, content_type):
     # What camera firmware and `curl --data-binary @photo.jpg` send.
@@ -117,6 +125,8 @@ def test_invalid_answer_twice_is_502_with_raw_text(client, fake_engine):
          502, "engine_error"),
         (FakeReply(503, (b"overloaded",)), 503, "upstream_unavailable"),
         (FakeReply(200, (b"<html>proxy</html>",), {"content-type": "text/html"}), 502, "engine_error"),
+        # vLLM's answer when SCANNER_UPSTREAM_API_KEY is not its --api-key: the operator's fault
+        (FakeReply.json(401, {"error": "Unauthorized"}), 502, "engine_auth_failed"),
     ],
 )
 def test_engine_faults_map_to_5xx(client, fake_engine, fault, status, code):
@@ -264,11 +274,14 @@ def test_openapi_declares_error_shape(client):
 def test_probes(client, fake_engine):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").status_code == 200
+    # uptime monitors and some load balancers probe with HEAD
+    assert client.head("/health").status_code == 200 and client.head("/ready").status_code == 200
 
 
 def test_ready_is_503_when_engine_is_gone():
     app = create_app(Settings(upstream_url="http://127.0.0.1:9"))  # nothing listens on port 9
     with TestClient(app) as c:
         assert_error(c.get("/ready"), 503, "upstream_unavailable")
+        assert c.head("/ready").status_code == 503
         r = c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan"})
         assert_error(r, 503, "upstream_unavailable")
