@@ -223,10 +223,13 @@ def scan(
                 return summary
 
     summary = asyncio.run(run())
-    console.print(
-        f"{len(images)} photo(s): {summary.scanned['ok']} scanned, {summary.failed} failed, "
-        f"{summary.skipped} already in {out}"
-    )
+    if summary.torn_bytes:
+        console.print(f"[yellow]cut a half-written last row ({summary.torn_bytes} bytes) left in {out} "
+                      "by an interrupted run; its photo was scanned again[/yellow]")
+    already = f"{summary.skipped} already in {out}"
+    if summary.skipped_failed:
+        already += f" ({summary.skipped_failed} of them failed then; --retry-failed scans them again)"
+    console.print(f"{len(images)} photo(s): {summary.scanned['ok']} scanned, {summary.failed} failed, {already}")
     if summary.failed or missing:
         raise typer.Exit(1)
 

@@ -199,7 +199,10 @@ def normalize_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"image rejected as a decompression bomb: {exc}", param=param) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError as exc:  # its text names our in-memory file object: say it plainly
+        raise InvalidImage(f"image could not be decoded ({fmt}): not a readable {fmt} file "
+                           "(corrupt, or only its first bytes are right)", param=param) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"image could not be decoded ({fmt}): {exc}", param=param) from exc
 
 

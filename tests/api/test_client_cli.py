@@ -4,6 +4,7 @@ in front of a FAKE ENGINE (faults on cue); tests/e2e runs them on the real engin
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import json
 
@@ -18,6 +19,11 @@ from tests.fake_engine import FakeReply
 from tests.helpers import encode, serve_in_thread, shelf_jpeg, shelf_photo
 
 runner = CliRunner()
+
+
+def said(result) -> str:
+    """The CLI's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
 
 
 @pytest.fixture
@@ -86,8 +92,36 @@ def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
     assert again.exit_code == 0 and "6 already in" in again.output
     assert len(out.read_text().splitlines()) == 6  # nothing scanned twice
 
+    assert "1 of them failed then; --retry-failed" in said(again)
+
     retry = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--retry-failed"])
     assert retry.exit_code == 1 and "0 scanned, 1 failed, 5 already in" in retry.output
+
+    # The same photos for another task are other scans: none of them is skipped.
+    other = runner.invoke(cli, ["scan", str(photos), "--task", "price_tags", "--url", gateway, "--out", str(out)])
+    assert "5 scanned, 1 failed, 0 already in" in said(other)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_scan_cli_resumes_after_a_run_killed_mid_row(gateway, tmp_path, suffix):
+    photos = [tmp_path / f"shelf-{i}.jpg" for i in range(3)]
+    for i, photo in enumerate(photos):
+        photo.write_bytes(shelf_jpeg(320, 240, seed=i))
+    out = tmp_path / f"audit{suffix}"
+    assert runner.invoke(cli, ["scan", *map(str, photos[:2]), "--url", gateway, "--out", str(out)]).exit_code == 0
+    whole = out.read_bytes()
+    # Killed halfway through writing the last row, inside its quoted result: left as is,
+    # that row would swallow the next one (CSV) or stop the reader (JSON).
+    last_row = whole.rfind(b"\n", 0, len(whole) - 1) + 1
+    out.write_bytes(whole[: (last_row + len(whole)) // 2])
+
+    resumed = runner.invoke(cli, ["scan", *map(str, photos), "--url", gateway, "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "half-written last row" in said(resumed) and "2 scanned, 0 failed, 1 already in" in said(resumed)
+    with out.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f)) if suffix == ".csv" else [json.loads(line) for line in f]
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in photos)
+    assert {r["status"] for r in rows} == {"ok"}
 
 
 def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
@@ -96,7 +130,8 @@ def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
     out = tmp_path / "r.csv"
     ok = runner.invoke(cli, ["scan", str(photo), "--task", "price_tags", "--url", gateway, "--out", str(out)])
     assert ok.exit_code == 0, ok.output
-    row = next(csv.DictReader(out.open()))
+    assert out.read_bytes().startswith(codecs.BOM_UTF8)  # how Excel knows the file is UTF-8
+    row = next(csv.DictReader(out.open(encoding="utf-8-sig")))
     assert row["status"] == "ok" and row["task"] == "price_tags" and "tags" in json.loads(row["result"])
 
     assert runner.invoke(cli, ["scan", str(photo), "--out", str(tmp_path / "r.xlsx")]).exit_code == 2

@@ -131,12 +131,14 @@ def test_long_shelf_panoramas_within_the_models_limit_pass():
         (b"\x00\x00\x00\x1cftypheic" + b"\x00" * 64, InvalidImage, 422),  # HEIC brand, garbage body
         (shelf_jpeg(640, 480)[:2000], InvalidImage, 422),  # truncated JPEG
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, InvalidImage, 422),  # PNG magic, garbage body
+        (b"\xff\xd8\xff garbage", InvalidImage, 422),  # JPEG magic, nothing Pillow can identify
     ],
 )
 def test_bad_bytes_get_clear_4xx(data, error, status):
     with pytest.raises(error) as exc:
         normalize_image(data, BUDGET, **LIMITS)
     assert exc.value.status == status
+    assert " object at 0x" not in exc.value.message  # no reprs of our internals
 
 
 def test_base64_inputs():
