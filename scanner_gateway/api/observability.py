@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scanner_gateway.api.scan import SCAN_PATH
 from scanner_gateway.context import request_id
 from scanner_gateway.errors import Draining, error_response, log_if_server_side
 from scanner_gateway.metrics import GatewayMetrics
@@ -24,8 +25,9 @@ from scanner_gateway.upstream.passthrough import RELAYED_PATHS
 log = logging.getLogger("scanner_gateway.access")
 MAX_REQUEST_ID = 128
 CUT_AT_SHUTDOWN = "the gateway shut down before this request finished; retry it"
-# Requests that never reach a FastAPI route (the raw relay, or no route at all).
-_UNROUTED = {path: path for path in RELAYED_PATHS}
+# Requests that never reach a FastAPI route: the raw relay, and scans a middleware
+# answered first (401, 413, a key's 429), which should count as scans, not "unmatched".
+_UNROUTED = {path: path for path in (*RELAYED_PATHS, SCAN_PATH)}
 
 
 # New ids: a random per-process prefix and a counter (unique without a syscall each).

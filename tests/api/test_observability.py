@@ -9,8 +9,10 @@ import sys
 import time
 
 import httpx
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from scanner_gateway.app import create_app
 from scanner_gateway.metrics import GatewayMetrics
 from tests.api.test_scan_api import PHOTO, assert_error
 from tests.helpers import free_port
@@ -48,6 +50,16 @@ def test_metrics_after_real_traffic(client, fake_engine):
     names = {name for name, _ in samples(text)}
     assert all(n.startswith(("scanner_", "python_", "process_")) for n in names), names
     assert not any(n.startswith("scanner_gpu") for n in names)  # no GPU here: absent, no error
+
+
+def test_scans_refused_before_routing_still_count_as_scans(settings):
+    # The body cap answers before FastAPI routes the request: still a /v1/scan to the operator.
+    with TestClient(create_app(settings.model_copy(update={"max_request_bytes": 10_000}))) as c:
+        assert_error(c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}),
+                     413, "payload_too_large")
+        text = c.get("/metrics").text
+    assert value(text, "scanner_requests_total", route="/v1/scan", method="POST", status="413") == 1
+    assert value(text, "scanner_requests_total", route="unmatched", method="POST", status="413") == 0
 
 
 def test_request_id_is_kept_returned_and_forwarded(client, fake_engine):
