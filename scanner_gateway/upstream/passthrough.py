@@ -40,6 +40,7 @@ SCAN_MODEL_PATHS = frozenset({CHAT_PATH, RESPONSES_PATH})  # where a `scan/<task
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
 _DROP_PREFIX = b"access-control-"
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
+_JSON_SPACE = (b" ", b"\t", b"\r", b"\n")
 # How a scan model's name can start in JSON (PHP escapes "/" by default).
 _SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
 
@@ -59,7 +60,7 @@ def may_name_scan_model(body: bytes) -> bool:
 
 
 def with_priority(body: bytes, priority: int) -> bytes:
-    """`body` with `"priority": N` as its first member, no parse.
+    """`body` with `"priority": N` as its first member, no parse, one copy.
 
     JSON parsers (vLLM's included) keep the last of duplicate keys, so a client's own
     `priority` later in the body still wins. Bodies that are not objects pass unchanged.
@@ -67,9 +68,11 @@ def with_priority(body: bytes, priority: int) -> bytes:
     stripped = body.lstrip()
     if not stripped.startswith(b"{"):
         return body
-    rest = stripped[1:]
-    separator = b"" if rest.lstrip().startswith(b"}") else b","
-    return b'{"priority":%d%s%s' % (priority, separator, rest)
+    first = 1
+    while stripped[first:first + 1] in _JSON_SPACE:
+        first += 1
+    separator = b"" if stripped[first:first + 1] == b"}" else b","
+    return b"".join((b'{"priority":%d%s' % (priority, separator), memoryview(stripped)[1:]))
 
 
 class ChatRelay:

@@ -95,6 +95,8 @@ def test_scan_model_precheck(body, maybe):
     (b'  {"model": "m", "priority": 1}', {"priority": 1, "model": "m"}),  # last duplicate wins
     (b"{}", {"priority": 7}),
     (b"{ }", {"priority": 7}),
+    (b"{\r\n\t}", {"priority": 7}),
+    (b'{\n  "model": "m"\n}', {"priority": 7, "model": "m"}),
 ])
 def test_with_priority_prepends_a_member(body, expected):
     import json
