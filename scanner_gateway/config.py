@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         0, ge=0, description="Whole-request cap; 0 means max images x max_image_bytes x 4/3 + 1 MiB."
     )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="Time a client has to send its whole request body (408 after): "
+        "a 5 MB photo over a 1 Mbit/s shop uplink takes ~40 s; a stalled or trickling upload "
+        "does not hold its connection and buffer for ever.",
+    )
     image_url_hosts: str = Field(
         "", description="Comma-separated hosts (fnmatch patterns, e.g. *.s3.amazonaws.com) whose "
         "http(s) image URLs scans may name; empty = image URLs refused (the gateway fetches nothing)."

@@ -115,6 +115,13 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
+class BodyTimeout(ClientError):
+    """The request body did not arrive in time (a stalled upload, or a slowloris)."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"

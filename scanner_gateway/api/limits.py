@@ -1,15 +1,22 @@
-"""Request intake limits (pure ASGI middleware): the body size cap, enforced while the
-body streams in, no compressed bodies, and requests open per API key."""
+"""Request intake limits (pure ASGI middleware): the body size cap and deadline, enforced
+while the body streams in, no compressed bodies, and requests open per API key."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Collection
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanner_gateway.api.auth import client_scope
-from scanner_gateway.errors import KeyOverLimit, PayloadTooLarge, UnsupportedMedia, error_response
+from scanner_gateway.errors import (
+    BodyTimeout,
+    KeyOverLimit,
+    PayloadTooLarge,
+    UnsupportedMedia,
+    error_response,
+)
 from scanner_gateway.metrics import GatewayMetrics
 
 
@@ -17,12 +24,15 @@ class BodySizeLimit:
     """413 before reading when Content-Length is too big; otherwise stop at the cap.
 
     Chunked uploads without a length are counted as they arrive, so no request can make
-    the gateway buffer more than `max_bytes`.
+    the gateway buffer more than `max_bytes`. The whole body must arrive within
+    `timeout_s` of the app's first read (408): uvicorn has no such limit, and a client
+    trickling a byte now and then would hold its connection and buffer for ever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,14 +56,29 @@ class BodySizeLimit:
             await error_response(err)(scope, receive, send)
             return
         received = 0
+        deadline: float | None = None
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, body_done
+            if body_done:  # later reads wait for a disconnect, as long as the answer takes
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g} s ({received} bytes came)",
+                    param="body",
+                    headers={"Connection": "close"},  # the rest of the body is never read
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise self._error()
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -25,10 +25,12 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_scan_is_cancelled_when_the_client_leaves(settings, fake_engine):
+# A short body deadline too: it bounds the upload only, never the wait for a disconnect.
+@pytest.mark.parametrize("body_timeout_s", [120.0, 0.3])
+def test_scan_is_cancelled_when_the_client_leaves(settings, fake_engine, body_timeout_s):
     fake_engine.answer = lambda _: FakeReply(delay_s=5.0)
     server_log = Records()
-    with serve_in_thread(create_app(settings)) as url:
+    with serve_in_thread(create_app(settings.model_copy(update={"body_timeout_s": body_timeout_s}))) as url:
         logging.getLogger("uvicorn.error").addHandler(server_log)  # uvicorn's loggers do not reach caplog
         try:
             with pytest.raises(httpx.ReadTimeout):

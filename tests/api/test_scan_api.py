@@ -2,6 +2,7 @@ import base64
 import codecs
 import gzip
 import json
+import socket
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +12,7 @@ from scanner_gateway.app import create_app
 from scanner_gateway.config import Settings
 from scanner_gateway.scan.results import ProductScan
 from tests.fake_engine import FAKE_MODEL, FakeReply, completion
-from tests.helpers import encode, shelf_jpeg
+from tests.helpers import encode, serve_in_thread, shelf_jpeg
 
 PHOTO = shelf_jpeg(1600, 1200, seed=5)
 VALID_PRODUCTS = json.dumps({"products": [
@@ -236,6 +237,29 @@ def test_compressed_bodies_are_415_not_invalid_json(client, fake_engine, path):
     ok = client.post("/v1/chat/completions", json={"model": "m", "messages": []},
                      headers={"content-encoding": "identity"})
     assert ok.status_code != 415
+
+
+@pytest.mark.parametrize("path", ["/v1/scan", "/v1/chat/completions"])
+def test_a_stalled_upload_is_408_and_its_connection_closed(settings, path):
+    with serve_in_thread(create_app(settings.model_copy(update={"body_timeout_s": 0.5}))) as url:
+        with socket.create_connection(url.removeprefix("http://").split(":")) as sock:
+            # 1000 bytes promised, 9 sent, then nothing (a dead uplink, or a slowloris)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 1000\r\n\r\n{\"task\": ".encode())
+            sock.settimeout(10)
+            answer = b""
+            while chunk := sock.recv(65536):  # until the gateway closes the connection
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+
+
+def test_the_body_deadline_does_not_cut_a_slow_answer(settings, fake_engine):
+    fake_engine.answer = lambda _: FakeReply(200, (b'{"ok": true}',), delay_s=1.0)  # answer after the body deadline
+    with TestClient(create_app(settings.model_copy(update={"body_timeout_s": 0.3}))) as c:
+        r = c.post("/v1/chat/completions", json={"model": "m", "messages": []})
+    assert r.status_code == 200 and r.json() == {"ok": True}
 
 
 def test_request_body_cap_is_413_before_reading(client):
