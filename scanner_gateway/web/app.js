@@ -40,6 +40,7 @@ async function readError(response) {
   const retry = response.headers.get("Retry-After");
   const hints = {
     401: "This gateway needs an API key: open \u201cAPI key\u201d below the form.",
+    408: "The upload stalled: check the connection and scan again.",
     413: "The photo is too large: send a smaller one (under 20 MB, 64 megapixels).",
     415: "That file is not a photo the scanner reads (JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP, TIFF).",
     422: "The photo could not be read: it may be damaged or cut off.",
