@@ -215,14 +215,24 @@ def scan(
             await _check_gateway(client, url, task)
             with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as progress:
                 bar = progress.add_task(f"{task}", total=len(images))
+                def done(_path: Path, _status: str) -> None:
+                    written[0] += 1
+                    progress.advance(bar)
+
                 summary = await scan_all(
                     client, images, task, results, concurrency=concurrency, locale=locale,
-                    retry_failed=retry_failed, on_done=lambda _path, _status: progress.advance(bar),
+                    retry_failed=retry_failed, on_done=done,
                 )
                 progress.update(bar, completed=len(images))
                 return summary
 
-    summary = asyncio.run(run())
+    written = [0]  # rows this run wrote, for the message if it is interrupted
+    try:
+        summary = asyncio.run(run())
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: {written[0]} row(s) written to {out} in this run; "
+                      "run the same command again to resume[/yellow]")
+        raise typer.Exit(130) from None
     if summary.torn_bytes:
         console.print(f"[yellow]cut a half-written last row ({summary.torn_bytes} bytes) left in {out} "
                       "by an interrupted run; its photo was scanned again[/yellow]")

@@ -6,7 +6,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import csv
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -122,6 +128,29 @@ def test_scan_cli_resumes_after_a_run_killed_mid_row(gateway, tmp_path, suffix):
         rows = list(csv.DictReader(f)) if suffix == ".csv" else [json.loads(line) for line in f]
     assert sorted(r["file"] for r in rows) == sorted(str(p) for p in photos)
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def test_scan_cli_interrupted_says_how_to_resume(gateway, fake_engine, tmp_path):
+    answer = fake_engine.answer
+    fake_engine.answer = lambda payload: dataclasses.replace(answer(payload), delay_s=0.3)
+    for i in range(30):
+        (tmp_path / f"shelf-{i}.jpg").write_bytes(shelf_jpeg(160, 120, seed=i))
+    out = tmp_path / "audit.jsonl"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "scanner_gateway", "scan", str(tmp_path), "--url", gateway, "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    deadline = time.monotonic() + 30
+    while not (out.exists() and out.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()[0]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)  # Ctrl-C
+    output = run.communicate(timeout=30)[0].decode()
+    assert run.returncode == 130, output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every row written is whole
+    assert 2 <= len(rows) < 30 and "run the same command again to resume" in output
+    assert f"{len(rows)} row(s) written" in output
 
 
 def test_scan_cli_csv_and_bad_arguments(gateway, tmp_path):
