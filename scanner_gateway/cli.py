@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
+from scanner_gateway import __version__
 from scanner_gateway.bulk import IMAGE_SUFFIXES, BulkSummary, ResultsFile, find_images, scan_all
 from scanner_gateway.client import DEFAULT_URL, AsyncScanClient, ScanError
 from scanner_gateway.config import Settings
@@ -35,6 +36,21 @@ console = Console(stderr=True)
 
 # The dev model's context: its largest prompt (4 images x 1200 tokens) plus a retried answer.
 DEV_MAX_MODEL_LEN = 20480
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"scanner-gateway {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Retail-vision scan gateway in front of vLLM."""
 
 
 def cache_dir() -> Path:

@@ -31,6 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from scanner_gateway import __version__
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -149,6 +151,9 @@ class GatewayMetrics:
         self.replica_kv_usage = Gauge("scanner_replica_engine_kv_cache_usage_ratio",
                                       "The engine's KV-cache usage at the last scrape.", ["replica"],
                                       multiprocess_mode="mostrecent", registry=r)
+        # Which release answers (dashboards, rollouts): Info metrics do not work across workers.
+        Gauge("scanner_build_info", "The gateway's version; always 1.", ["version"],
+              multiprocess_mode="max", registry=r).labels(__version__).set(1)
         self._gpu = GpuCollector()
         if multiprocess_dir() is None:
             r.register(self._gpu)

@@ -12,6 +12,7 @@ import httpx
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from scanner_gateway import __version__
 from scanner_gateway.app import create_app
 from scanner_gateway.metrics import GatewayMetrics
 from tests.api.test_scan_api import PHOTO, assert_error
@@ -47,6 +48,7 @@ def test_metrics_after_real_traffic(client, fake_engine):
     assert value(text, "scanner_admission_in_flight") == 0
     assert value(text, "scanner_event_loop_lag_seconds_count") >= 1  # the watcher ran during the test
     assert "scanner_admission_queue_depth" in text and "scanner_request_duration_seconds_bucket" in text
+    assert value(text, "scanner_build_info", version=__version__) == 1
     names = {name for name, _ in samples(text)}
     assert all(n.startswith(("scanner_", "python_", "process_")) for n in names), names
     assert not any(n.startswith("scanner_gpu") for n in names)  # no GPU here: absent, no error
@@ -99,6 +101,7 @@ def test_multiprocess_metrics_sum_every_worker(fake_engine):
         assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == 20
         assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1  # most recent of both workers
         assert value(text, "scanner_admission_in_flight") == 0  # summed over the live workers
+        assert value(text, "scanner_build_info", version=__version__) == 1  # once, not once per worker
     finally:
         proc.terminate()
         proc.wait(30)

@@ -32,3 +32,10 @@ def test_engine_command_prints_the_flags_the_gateway_relies_on(tmp_path, monkeyp
     for flag in ("--scheduling-policy priority", "--generation-config vllm", '"backend":"guidance"',
                  "--limit-mm-per-prompt"):
         assert flag in cmd
+
+
+def test_version():
+    from scanner_gateway import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"scanner-gateway {__version__}\n"
