@@ -20,7 +20,10 @@ of your own (--engine-url) needs the same flag and --engine-has-budget).
 
 Output length: vLLM stops when the JSON is complete; the transformers systems (random
 weights never stop) generate exactly the mean completion length vLLM produced in a
-calibration run, so every system does the same work per request on average.
+calibration run, so every system does the same work per request on average. Random
+weights fill every array to its maxItems (24 products: ~2900 tokens, seconds of decoding
+per scan on a CPU); `--max-items N` caps the task's arrays for every system alike (N=1:
+~130 tokens, the regime where image work dominates, as with a real model's short answers).
 
 For each system: latency at concurrency 1; a closed-loop concurrency sweep (1, 2, 4, ...)
 whose best throughput with p95 <= SLO and errors <= 1% is "max QPS" (answers/s in the
@@ -40,6 +43,7 @@ import base64
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +58,7 @@ from types import SimpleNamespace
 
 import httpx
 import typer
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.progress import Progress
@@ -336,8 +341,11 @@ def main(
     systems: str = typer.Option(",".join(SYSTEMS), help="Which systems to run."),
     as_designed: bool = typer.Option(True, help="Also run the 12 MP view (gateway, seed-before, vllm-direct raw)."),
     out: str = typer.Option("compare-cpu", help="Results name under bench/results/."),
+    max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
+                                          "(0: the task as shipped); shorter answers, image work dominates."),
 ) -> None:
-    registry = TaskRegistry.load(default_prompts_dir())
+    prompts_dir = capped_prompts(max_items) if max_items else default_prompts_dir()
+    registry = TaskRegistry.load(prompts_dir)
     task = registry.get("product_scan")
     resolutions = [(1024, 768), (1600, 1200), (2000, 1500)]
     raw = [shelf_jpeg(*resolutions[i % 3], seed=5000 + i) for i in range(photos)]
@@ -405,7 +413,7 @@ def main(
             gateway.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
                                   "--port", str(gw_port)],
                                  {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
-                                  **admission}, log=gateway_log))
+                                  "SCANNER_PROMPTS_DIR": str(prompts_dir), **admission}, log=gateway_log))
             procs.append(gateway[0])
             wait_http(f"http://127.0.0.1:{gw_port}/ready")
 
@@ -481,7 +489,7 @@ def main(
         report = {"machine": machine(), "gateway_work": dict(gateway_work),
                   "gateway_overload_settings": {view: runs["gateway"].overload_settings
                                                 for view, runs in (("same budget", results), ("12 MP", designed))
-                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
                   "seconds_per_level": seconds, "photos": photos, "resolutions": resolutions,
                   "same_budget": {k: asdict(v) for k, v in results.items()},
                   "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
@@ -491,6 +499,29 @@ def main(
             proc.terminate()
         if engine is not None:
             engine.stop()
+
+
+def capped_prompts(max_items: int) -> Path:
+    """A copy of prompts/ whose product_scan arrays hold at most `max_items` (never fewer
+    than their minItems: a box stays four numbers)."""
+    copy = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
+    for path in default_prompts_dir().glob("*.yaml"):
+        shutil.copy(path, copy / path.name)
+    spec = yaml.safe_load((copy / "product_scan.yaml").read_text())
+
+    def cap(node: object) -> None:
+        if isinstance(node, dict):
+            if "maxItems" in node:
+                node["maxItems"] = max(node.get("minItems", 0), min(node["maxItems"], max_items))
+            for child in node.values():
+                cap(child)
+        elif isinstance(node, list):
+            for child in node:
+                cap(child)
+
+    cap(spec["result_schema"])
+    (copy / "product_scan.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
+    return copy
 
 
 def server_side_budget(task: Task) -> dict:
@@ -571,7 +602,9 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           "",
           f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPUs: {', '.join(m['gpus']) or 'none'}; "
           f"vLLM CPU reserve: {m['vllm_cpu_reserved_cpu']}.",
-          f"Output: {report['output_tokens']} tokens per answer on average (vLLM's JSON; the transformers systems "
+          f"Output: {report['output_tokens']} tokens per answer on average (vLLM's JSON"
+          + (f", product_scan's arrays capped at {report['max_items']} item(s) (--max-items)" if report.get("max_items") else "")
+          + "; the transformers systems "
           f"generate exactly that many). SLO for max QPS: p95 <= {report['slo_p95_s']:g} s and <= 1% errors; "
           f"{report['seconds_per_level']:g} s per concurrency level, the systems taking turns at each level; "
           "QPS = answers/s once every client had its first answer (ramp-up left out); "

@@ -18,7 +18,7 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
         done = subprocess.run(
             [sys.executable, "bench/compare.py", "--engine-url", engine.base_url, "--model", str(dev_model_dir),
              "--seconds", "2", "--levels", "2", "--overload-seconds", "2", "--photos", "4", "--slo-s", "60",
-             "--out", name],
+             "--max-items", "2", "--out", name],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -29,7 +29,9 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
             assert system["unloaded"]["requests"] >= 1 and system["sweep"]
             assert 0.0 <= system["overload_error_rate"] <= 1.0
         assert report["output_tokens"] > 0 and report["machine"]["cores"] >= 1
+        assert report["max_items"] == 2  # the task's arrays capped for every system alike
         md = (results / f"{name}.md").read_text()
+        assert "capped at 2 item(s)" in md
         for row in ("average response time", "max QPS", "GPU utilisation", "error rate at 10x capacity",
                     "Gateway event loop:"):
             assert row in md
