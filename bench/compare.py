@@ -3,8 +3,8 @@
     .venv/bin/python bench/compare.py                        # full CPU run, dev model (~40 min on 2 cores)
     .venv/bin/python bench/compare.py --model DIR --load-format dummy   # a GPU box (bench/README.md)
 
-Four systems, the same model, the same synthetic shelf photos (distinct per request, so no
-cache helps), the same task (product_scan, English prompt) and greedy decoding:
+Four systems, the same model, the same synthetic shelf photos (48 distinct ones, cycled;
+vLLM's prefix and processor caches off, so no repeat is answered from a cache), the same task (product_scan, English prompt) and greedy decoding:
 
     seed-before   one synchronous process, one request at a time, transformers generate
     seed-after    async FastAPI + decode thread pool + hand-made batcher (4 / 100 ms), transformers
@@ -76,6 +76,10 @@ from overload import pct  # noqa: E402
 from passthrough import free_port, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The photos cycle, so vLLM's prefix and multimodal-processor caches would answer repeats
+# (93% prefix hits, 100% processor hits, measured): a workload no store sends. Off, every
+# request pays its image work, as with real, always-new photos.
+CACHES_OFF = ["--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
 SYSTEMS = ("seed-before", "seed-after", "gateway", "vllm-direct")
 console = Console()
 
@@ -350,7 +354,8 @@ def main(
     resolutions = [(1024, 768), (1600, 1200), (2000, 1500)]
     raw = [shelf_jpeg(*resolutions[i % 3], seed=5000 + i) for i in range(photos)]
     sized = [normalize_image(p, task.budget, max_bytes=2**26, max_pixels=10**8) for p in raw]
-    big = [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(max(4, photos // 4))]
+    # As many distinct 12 MP photos as small ones: vLLM's encoder cache must not find a repeat.
+    big = [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(photos)]
     model_dir = model or str(ensure_dev_model(cache_dir() / "dev-model"))
     procs: list[subprocess.Popen] = []
     engine = None
@@ -360,7 +365,8 @@ def main(
                                  max_images=max(t.spec.max_images for t in registry),
                                  max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
                                  max_model_len=DEV_MAX_MODEL_LEN,
-                                 extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task))])
+                                 extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)),
+                                             *CACHES_OFF])
             engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
             console.print("starting vLLM ...")
             engine.start()
@@ -486,7 +492,8 @@ def main(
                         restart_seed(name.removeprefix("seed-"))
                     progress.advance(bar)
         gateway_work.update(gateway_counters(gw_port))
-        report = {"machine": machine(), "gateway_work": dict(gateway_work),
+        engine_caches = engine_cache_hits(engine_url)
+        report = {"machine": machine(), "gateway_work": dict(gateway_work), "engine_cache_hits": engine_caches,
                   "gateway_overload_settings": {view: runs["gateway"].overload_settings
                                                 for view, runs in (("same budget", results), ("12 MP", designed))
                                                 if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
@@ -558,6 +565,19 @@ def gateway_counters(port: int) -> Counter:
     return counts
 
 
+def engine_cache_hits(engine_url: str) -> dict[str, float | None]:
+    """vLLM's prefix- and processor-cache hit rates over the run (None: not queried), so a
+    reader can check that no answer came from a cache."""
+    text = httpx.get(f"{engine_url}/metrics").text
+    totals: Counter = Counter()
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name.startswith(("vllm:prefix_cache_", "vllm:mm_cache_")) and smp.name.endswith("_total"):
+                totals[smp.name.removesuffix("_total")] += smp.value
+    return {kind: (totals[f"vllm:{kind}_hits"] / totals[f"vllm:{kind}_queries"]
+                   if totals[f"vllm:{kind}_queries"] else None) for kind in ("prefix_cache", "mm_cache")}
+
+
 def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
     return "n/a" if v is None or v != v else f"{v:{spec}}{unit}"
 
@@ -615,6 +635,9 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
           f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "
           "(every 200 counted as a success, cut or not).",
+          "vLLM cache hit rates over the run (prefix cache, multimodal-processor cache; the bench starts "
+          "its engine with both off, a repeat must not be answered from a cache): "
+          f"{ {k: (f'{v:.1%}' if v is not None else 'off') for k, v in report.get('engine_cache_hits', {}).items()} }.",
           "Gateway scans that did not end ok, by error code (429s included): "
           f"{ {k.removeprefix('outcome '): int(v) for k, v in report['gateway_work'].items() if k.startswith('outcome ')} }.",
           f"Gateway event loop: {report['gateway_work']['loop_late_s']:.0f} s late in all (its timers' lateness, "
