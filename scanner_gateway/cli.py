@@ -231,6 +231,7 @@ def scan(
             await _check_gateway(client, url, task)
             with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=console) as progress:
                 bar = progress.add_task(f"{task}", total=len(images))
+
                 def done(_path: Path, _status: str) -> None:
                     written[0] += 1
                     progress.advance(bar)

@@ -178,7 +178,10 @@ class EngineClient:
             try:
                 detail = await read_bounded(resp, ERROR_BODY_LIMIT)
             finally:
-                resp.release() if resp.content.at_eof() else resp.close()  # keep the connection if we can
+                if resp.content.at_eof():
+                    resp.release()  # read to its end: the connection goes back to the pool
+                else:
+                    resp.close()
         if resp.status >= 500 or resp.status in _REFUSED_CREDENTIALS:
             raise_for_engine_status(self.base_url, resp.status, detail)
         raise engine_verdict(resp.status, detail, resp.headers.get("Retry-After"))
