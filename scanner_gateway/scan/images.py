@@ -1,7 +1,9 @@
 """Image intake: sniff, limit, decode, orient, flatten, resize to the task's budget, encode.
 
 Accepted: JPEG, PNG, WebP, HEIF/HEIC (iPhone photos), AVIF, GIF (first frame), BMP and
-TIFF (first page); whatever comes in, the engine gets a JPEG.
+TIFF (first page); whatever comes in, the engine gets a JPEG. A JPEG that already has
+the size the task's budget gives it (a client that resizes before upload) goes out byte
+for byte: re-encoding would cost CPU and blur price-tag text for nothing.
 
 Everything here is synchronous and CPU-bound; `ImageNormalizer` runs it in a bounded
 thread pool (Pillow releases the GIL while decoding and resizing) so the event loop
@@ -35,6 +37,9 @@ from scanner_gateway.errors import (
 TILE = 32  # Qwen3-VL: 16 px patch x 2 spatial merge
 DEFAULT_JPEG_QUALITY = 85
 DRAFT_TOLERANCE = 0.9
+# An already-sized JPEG goes out unchanged unless it is bigger than this per pixel: then it
+# carries metadata (thumbnails, maker notes) or near-lossless quality the model gains nothing from.
+MAX_PASS_THROUGH_BYTES_PER_PIXEL = 1.0
 # Qwen-VL's processor refuses images whose sides differ by more than this factor (vLLM
 # then answers 400 for the whole request); checked on the size the engine would get.
 MAX_ASPECT_RATIO = 200
@@ -194,7 +199,7 @@ def normalize_image(
                 raise InvalidImage("image has no pixels", param=param)
             if fmt in _DECODERS:  # the plugin that could read it tells which one it was
                 fmt = img.format or fmt
-            return _convert(img, fmt, len(data), budget, quality, param)
+            return _convert(img, fmt, data, budget, quality, param)
     except (ImageTooLarge, InvalidImage, UnsupportedMedia, InvalidRequest):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -207,7 +212,7 @@ def normalize_image(
 
 
 def _convert(
-    img: Image.Image, fmt: str, nbytes: int, budget: PixelBudget, quality: int, param: str
+    img: Image.Image, fmt: str, data: bytes, budget: PixelBudget, quality: int, param: str
 ) -> NormalizedImage:
     orientation = img.getexif().get(0x0112, 1)
     swapped = orientation in (5, 6, 7, 8)
@@ -219,6 +224,13 @@ def _convert(
             "apart are more than the model accepts; crop it into parts",
             param=param,
         )
+    scale = Scale(orig_w, orig_h, out_w, out_h)
+    if _fits_as_is(img, fmt, len(data), orientation, (out_w, out_h)):
+        # Draft at 1/8 still reads the whole entropy-coded stream (a truncated or corrupt
+        # file fails here, with our error, not the engine's) but skips the IDCT: ~1 ms.
+        img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+        return _encoded(data, scale, fmt, len(data))
     if fmt == "JPEG":
         # Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale, so a 12 MP photo headed
         # for ~0.8 MP is never fully decoded. Accepting a draft up to 10% smaller than the
@@ -233,11 +245,25 @@ def _convert(
         img = img.resize((out_w, out_h), Image.Resampling.BICUBIC, reducing_gap=2.0)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality, optimize=False)
-    jpeg = buf.getvalue()
+    return _encoded(buf.getvalue(), scale, fmt, len(data))
+
+
+def _fits_as_is(img: Image.Image, fmt: str, nbytes: int, orientation: int, size: tuple[int, int]) -> bool:
+    """An upright RGB JPEG of exactly the size it would be resized to, and not bloated."""
+    return (
+        fmt == "JPEG"
+        and img.mode == "RGB"
+        and orientation == 1
+        and img.size == size
+        and nbytes <= MAX_PASS_THROUGH_BYTES_PER_PIXEL * size[0] * size[1]
+    )
+
+
+def _encoded(jpeg: bytes, scale: Scale, fmt: str, nbytes: int) -> NormalizedImage:
     return NormalizedImage(
         jpeg=jpeg,
         data_url="data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii"),
-        scale=Scale(orig_w, orig_h, out_w, out_h),
+        scale=scale,
         source_format=fmt,
         source_bytes=nbytes,
     )

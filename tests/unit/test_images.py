@@ -235,3 +235,62 @@ def test_float_and_32_bit_greyscale_keep_their_ramp(mode, scale, offset):
     sent = Image.open(io.BytesIO(out.jpeg)).convert("L")
     top, bottom = sent.getpixel((256, 5)), sent.getpixel((256, sent.height - 5))
     assert top < 30 and bottom > 220  # neither all black nor clipped to white
+
+
+def test_a_jpeg_already_at_its_budget_size_goes_out_byte_for_byte():
+    sized = normalize_image(shelf_jpeg(1600, 1200, seed=4), BUDGET, **LIMITS)
+    again = normalize_image(sized.jpeg, BUDGET, **LIMITS)
+    assert again.jpeg == sized.jpeg  # no second generation of JPEG loss
+    assert again.data_url == "data:image/jpeg;base64," + base64.b64encode(sized.jpeg).decode()
+    size = (sized.scale.sent_width, sized.scale.sent_height)
+    assert (again.scale.original_width, again.scale.original_height) == size
+    assert (again.scale.sent_width, again.scale.sent_height) == size
+
+
+def _at_budget_size(**save) -> tuple[bytes, Image.Image]:
+    sized = normalize_image(shelf_jpeg(1600, 1200, seed=5), BUDGET, **LIMITS)
+    img = Image.open(io.BytesIO(sized.jpeg))
+    img.load()
+    return encode(img, "JPEG", **save), img
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["rotated by EXIF", "greyscale", "CMYK", "bloated with metadata", "not whole tiles"],
+)
+def test_a_jpeg_that_needs_any_work_is_re_encoded(variant):
+    data, img = _at_budget_size()
+    if variant == "rotated by EXIF":
+        exif = Image.Exif()
+        exif[0x0112] = 3  # upside down: same size, but the engine must see it upright
+        data = encode(img, "JPEG", exif=exif)
+    elif variant == "greyscale":
+        data = encode(img.convert("L"), "JPEG")
+    elif variant == "CMYK":
+        data = encode(img.convert("CMYK"), "JPEG")
+    elif variant == "bloated with metadata":
+        data = encode(img, "JPEG", comment=b"x" * 65000, icc_profile=b"\0" * 800_000)
+    else:
+        data = encode(img.crop((0, 0, img.width - 10, img.height)), "JPEG")
+    out = normalize_image(data, BUDGET, **LIMITS)
+    assert out.jpeg != data
+    sent = Image.open(io.BytesIO(out.jpeg))
+    assert sent.mode == "RGB" and sent.size == (out.scale.sent_width, out.scale.sent_height)
+    if variant == "rotated by EXIF":
+        # the top-left pixel of what is sent is the original's bottom-right one
+        assert _close(sent.getpixel((3, 3)), img.getpixel((img.width - 4, img.height - 4)))
+
+
+def _close(a: tuple[int, ...], b: tuple[int, ...], tol: int = 40) -> bool:
+    return all(abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_a_corrupt_jpeg_at_its_budget_size_is_still_refused(cut):
+    data, _ = _at_budget_size()
+    with pytest.raises(InvalidImage):
+        normalize_image(data[: int(len(data) * cut)], BUDGET, **LIMITS)
+    garbled = bytearray(data)
+    garbled[len(data) // 2 : len(data) // 2 + 200] = b"\xff" * 200
+    with pytest.raises(InvalidImage):
+        normalize_image(bytes(garbled), BUDGET, **LIMITS)
