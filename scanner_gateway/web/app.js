@@ -82,6 +82,59 @@ function updateButton() {
   $("scan-button").disabled = state.busy || state.files.length === 0 || !$("task").value;
 }
 
+// The gateway's own sizing rule (scan/images.py target_size): the largest size in whole
+// 32 px tiles within the task's pixel budget, aspect kept. A photo shrunk here to exactly
+// that size is passed on by the gateway byte for byte, so a 12 MP phone photo costs
+// ~150 KB of a store's mobile data instead of several MB.
+const TILE = 32;
+
+function targetSize(width, height, budget) {
+  const factor = Math.sqrt(budget.max_pixels / (width * height));
+  let w = Math.max(TILE, Math.round((width * factor) / TILE) * TILE);
+  let h = Math.max(TILE, Math.round((height * factor) / TILE) * TILE);
+  while (w * h > budget.max_pixels && (w > TILE || h > TILE)) {
+    if (w >= h && w > TILE) w -= TILE; else if (h > TILE) h -= TILE; else w -= TILE;
+  }
+  return [w, h];
+}
+
+async function shrink(file, budget) {
+  // The photo at the task's size as a JPEG, or the file itself: when shrinking is off, when
+  // it is within the budget already, or when this browser cannot decode it (HEIC outside
+  // Safari): the gateway then does the work.
+  if (!budget || !$("shrink").checked) return file;
+  try {
+    return await shrunkCopy(file, budget);
+  } catch {
+    return file;
+  }
+}
+
+async function shrunkCopy(file, budget) {
+  const bitmap = await createImageBitmap(file);  // EXIF orientation applied, as the gateway does
+  try {
+    if (bitmap.width * bitmap.height <= budget.max_pixels) return file;
+    const [w, h] = targetSize(bitmap.width, bitmap.height, budget);
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#fff";  // transparency on white, as the gateway flattens it
+    ctx.fillRect(0, 0, w, h);
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(bitmap, 0, 0, w, h);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
+    if (!blob || blob.size >= file.size) return file;
+    return new File([blob], file.name.replace(/\.[^./]*$/, "") + ".jpg", { type: "image/jpeg" });
+  } finally {
+    bitmap.close();
+  }
+}
+
+function kilobytes(bytes) {
+  return bytes >= 1024 * 1024 ? `${(bytes / 1024 / 1024).toFixed(1)} MB` : `${Math.round(bytes / 1024)} KB`;
+}
+
 function setFiles(fileList) {
   state.files = Array.from(fileList);
   $("chosen").replaceChildren(...state.files.map((f) => text("li", `${f.name} (${Math.round(f.size / 1024)} KB)`)));
@@ -192,7 +245,8 @@ function show(entry) {
   clearError();
   renderPhotos(entry.scan, entry.urls);
   renderResult(entry.scan);
-  $("status").textContent = `${entry.scan.task.replace(/_/g, " ")}: done at ${entry.time}.`;
+  const shrunk = entry.sentBytes < entry.originalBytes ? ` (shrunk here from ${kilobytes(entry.originalBytes)})` : "";
+  $("status").textContent = `${entry.scan.task.replace(/_/g, " ")}: done at ${entry.time}; sent ${kilobytes(entry.sentBytes)}${shrunk}.`;
 }
 
 function addHistory(entry) {
@@ -209,12 +263,15 @@ async function scan(event) {
   event.preventDefault();
   if (state.busy || !state.files.length) return;
   clearError();
+  state.busy = true;
+  updateButton();
+  $("status").textContent = "Preparing photos\u2026";
+  const task = state.tasks.find((t) => t.name === $("task").value);
+  const sent = await Promise.all(state.files.map((f) => shrink(f, task && task.pixel_budget)));
   const form = new FormData();
   form.append("task", $("task").value);
   if ($("locale").value) form.append("locale", $("locale").value);
-  state.files.forEach((f) => form.append("image", f, f.name));
-  state.busy = true;
-  updateButton();
+  sent.forEach((f) => form.append("image", f, f.name));
   const started = performance.now();
   const tick = setInterval(() => {
     $("status").textContent = `Scanning\u2026 ${((performance.now() - started) / 1000).toFixed(1)} s`;
@@ -229,9 +286,12 @@ async function scan(event) {
       return;
     }
     const result = await response.json();
+    const size = (files) => files.reduce((total, f) => total + f.size, 0);
     const entry = {
-      scan: result, urls: state.files.map((f) => URL.createObjectURL(f)),
+      // The photos as sent: the boxes are in their pixels.
+      scan: result, urls: sent.map((f) => URL.createObjectURL(f)),
       time: new Date().toLocaleTimeString(), names: state.files.map((f) => f.name).join(", "),
+      sentBytes: size(sent), originalBytes: size(state.files),
     };
     addHistory(entry);
     show(entry);

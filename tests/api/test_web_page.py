@@ -7,12 +7,15 @@ page with its result is kept in artifacts/ (SCANNER_ARTIFACTS_DIR).
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from scanner_gateway.app import create_app
 from tests.fake_engine import completion
@@ -46,14 +49,24 @@ def page(settings, fake_engine):
         browser.close()
 
 
-def test_upload_scan_and_see_table_and_boxes(page, tmp_path):
+def test_upload_scan_and_see_table_and_boxes(page, fake_engine, tmp_path):
     photo = tmp_path / "shelf.jpg"
     photo.write_bytes(shelf_jpeg(1600, 1200, seed=5))
     page.wait_for_selector("#task option[value=product_scan]", state="attached")
     page.select_option("#task", "product_scan")
     page.set_input_files("#photos", str(photo))
-    page.click("#scan-button")
+    with page.expect_response("**/v1/scan") as answer:
+        page.click("#scan-button")
     page.wait_for_selector(".result table")
+
+    # The browser shrank the 1600x1200 photo to product_scan's size (1024x768), and the
+    # gateway sent it to the engine as it came, without decoding and encoding it again.
+    sent = answer.value.json()["images"][0]
+    assert (sent["width"], sent["height"]) == (sent["sent_width"], sent["sent_height"]) == (1024, 768)
+    assert sent["bytes"] < photo.stat().st_size
+    engine_photo = _engine_photo(fake_engine)
+    assert len(engine_photo) == sent["bytes"] and Image.open(io.BytesIO(engine_photo)).size == (1024, 768)
+    assert "shrunk here from" in page.locator("#status").inner_text()
 
     headers = page.locator(".result th").all_inner_texts()
     assert "name" in headers and "facings" in headers
@@ -71,6 +84,27 @@ def test_upload_scan_and_see_table_and_boxes(page, tmp_path):
     assert page.locator("#history li").count() == 1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "scan-terminal.png"), full_page=True)
+
+
+def _engine_photo(fake_engine) -> bytes:
+    url = fake_engine.payloads[-1]["messages"][1]["content"][0]["image_url"]["url"]
+    return base64.b64decode(url.partition(",")[2])
+
+
+def test_with_shrinking_off_the_photo_goes_up_whole(page, fake_engine, tmp_path):
+    photo = tmp_path / "shelf.png"  # a lossless photo: the gateway's sizing is then the only loss
+    photo.write_bytes(encode(shelf_photo(1600, 1200, seed=7), "PNG"))
+    page.wait_for_selector("#task option[value=product_scan]", state="attached")
+    page.select_option("#task", "product_scan")
+    page.uncheck("#shrink")
+    page.set_input_files("#photos", str(photo))
+    with page.expect_response("**/v1/scan") as answer:
+        page.click("#scan-button")
+    page.wait_for_selector(".result table")
+    sent = answer.value.json()["images"][0]
+    assert (sent["format"], sent["width"], sent["height"], sent["bytes"]) == ("PNG", 1600, 1200, photo.stat().st_size)
+    assert Image.open(io.BytesIO(_engine_photo(fake_engine))).size == (1024, 768)
+    assert "shrunk" not in page.locator("#status").inner_text()
 
 
 def test_an_iphone_heic_photo_gets_its_boxes_on_a_blank_frame(page, tmp_path):
