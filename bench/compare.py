@@ -114,6 +114,7 @@ class SystemResult:
     overload_elapsed_s: float = 0.0
     overload_p95_ms: float | None = None  # of the answers (200s) during the 10x run
     overload_settings: dict[str, str] = field(default_factory=dict)  # how the system was configured for it
+    overload_note: str = ""  # e.g. the engine died under it
 
     def add(self, level: Level, slo_s: float) -> bool:
         """Record a level; False once it breaks the SLO (higher levels only add waiting).
@@ -495,6 +496,17 @@ def main(
                     overload_system(result, send_of[name], overload_seconds, slo_s)
                     if name.startswith("seed-"):
                         restart_seed(name.removeprefix("seed-"))
+                    elif engine is not None and engine.exit_code is not None:
+                        # Unguarded, vLLM takes in every photo it is sent: a 10x burst of 12 MP
+                        # ones has had its API process OOM-killed here (18 GB). Say so, and go on.
+                        code = engine.exit_code
+                        result.overload_note = (f"vLLM exited during this run (code {code}"
+                                                + (": SIGKILL, as the kernel's OOM killer sends" if code == -9 else "")
+                                                + "); restarted for what followed")
+                        console.print(f"[red]{name}: {result.overload_note}[/red]")
+                        engine.stop()
+                        engine.start()
+                        engine.wait_healthy(900)
                     progress.advance(bar)
         gateway_work.update(gateway_counters(gw_port))
         engine_caches = engine_cache_hits(engine_url)
@@ -572,8 +584,11 @@ def gateway_counters(port: int) -> Counter:
 
 def engine_cache_hits(engine_url: str) -> dict[str, float | None]:
     """vLLM's prefix- and processor-cache hit rates over the run (None: not queried), so a
-    reader can check that no answer came from a cache."""
-    text = httpx.get(f"{engine_url}/metrics").text
+    reader can check that no answer came from a cache. Empty: the engine did not answer."""
+    try:
+        text = httpx.get(f"{engine_url}/metrics").text
+    except httpx.HTTPError:
+        return {}
     totals: Counter = Counter()
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
@@ -642,7 +657,8 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           "(every 200 counted as a success, cut or not).",
           "vLLM cache hit rates over the run (prefix cache, multimodal-processor cache; the bench starts "
           "its engine with both off, a repeat must not be answered from a cache): "
-          f"{ {k: (f'{v:.1%}' if v is not None else 'off') for k, v in report.get('engine_cache_hits', {}).items()} }.",
+          + (f"{ {k: (f'{v:.1%}' if v is not None else 'off') for k, v in report['engine_cache_hits'].items()} }"
+             if report.get("engine_cache_hits") else "not read: the engine did not answer at the end") + ".",
           "Gateway scans that did not end ok, by error code (429s included): "
           f"{ {k.removeprefix('outcome '): int(v) for k, v in report['gateway_work'].items() if k.startswith('outcome ')} }.",
           f"Gateway event loop: {report['gateway_work']['loop_late_s']:.0f} s late in all (its timers' lateness, "
@@ -656,9 +672,17 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
                    "the gateway applies the task's pixel budget; vllm-direct sends the raw photo and vLLM "
                    "applies the same budget server-side)", "", *table(designed), ""]
         for peer, target in (("seed-before", "10x"), ("vllm-direct", "1.5x")):
-            if "gateway" in designed and peer in designed and designed[peer].max_qps > 0:
-                md.append(f"- max QPS gateway / {peer} = {designed['gateway'].max_qps / designed[peer].max_qps:.2f} "
-                          f"(target {target})")
+            if "gateway" not in designed or peer not in designed:
+                continue
+            gateway, other = designed["gateway"], designed[peer]
+            if other.max_qps > 0:
+                md.append(f"- max QPS gateway / {peer} = {gateway.max_qps / other.max_qps:.2f} (target {target})")
+            elif other.unloaded is not None and other.unloaded.qps > 0:
+                md.append(f"- {peer} misses the SLO even at c=1 (p95 {other.unloaded.p95_ms / 1000:.1f} s): no max "
+                          f"QPS; gateway max QPS / {peer}'s c=1 throughput = "
+                          f"{gateway.max_qps / other.unloaded.qps:.2f} (target {target})")
+    md += [f"- {name}'s 10x run ({view}): {r.overload_note}" for view, runs in (("same budget", results), ("12 MP", designed))
+           for name, r in runs.items() if r.overload_note]
     base.with_suffix(".md").write_text("\n".join(md) + "\n")
     base.with_suffix(".json").write_text(json.dumps(report, indent=1))
     plot(results, designed, base.with_suffix(".png"))

@@ -5,6 +5,7 @@ The gateway never imports vllm: the engine is a separate process reached over HT
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -134,6 +135,12 @@ class ManagedEngine:
         )
         log.close()
 
+    @property
+    def exit_code(self) -> int | None:
+        """None while `vllm serve` runs; its exit code once it has ended (negative: the
+        signal that killed it, -9 being what the kernel's OOM killer sends)."""
+        return None if self._proc is None else self._proc.poll()
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -167,16 +174,21 @@ class ManagedEngine:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace_s)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
             pass
+        except ProcessLookupError:
+            return
+        # Its engine-core and worker processes outlive an API server that was killed (the
+        # OOM killer picks the largest process), holding their memory: end the group too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def __enter__(self) -> ManagedEngine:
         self.start()
