@@ -152,7 +152,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(
-        BodySizeLimit, max_bytes=request_size_limit(settings, registry), timeout_s=settings.body_timeout_s
+        BodySizeLimit, max_bytes=request_size_limit(settings, registry), timeout_s=settings.body_timeout_s,
+        max_buffered_bytes=settings.max_buffered_bytes,
     )
     if keys and settings.max_in_flight_per_key:
         app.add_middleware(

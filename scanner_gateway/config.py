@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         0, ge=0, description="Whole-request cap; 0 means max images x max_image_bytes x 4/3 + 1 MiB."
     )
+    max_buffered_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="Request bodies all requests together may hold at once "
+        "(429 overloaded beyond; never below one request's cap): a burst of large uploads then cannot "
+        "take the gateway past its memory limit (1 GiB in deploy/k8s). Shared among --workers.",
+    )
     body_timeout_s: float = Field(
         120.0, gt=0, description="Time a client has to send its whole request body (408 after): "
         "a 5 MB photo over a 1 Mbit/s shop uplink takes ~40 s; a stalled or trickling upload "
@@ -139,12 +144,14 @@ class Settings(BaseSettings):
 
     def for_one_of(self, workers: int) -> Settings:
         """The settings of one of `workers` processes: each admits its share of the
-        in-flight cap, of the queue and of each key's limit, so the engines (and keys) see
-        the caps the operator set (not workers x cap). Rounded down, at least one slot each."""
+        in-flight cap, of the queue, of each key's limit and of the body memory, so the
+        engines (and keys, and the pod's memory) see the caps the operator set (not
+        workers x cap). Rounded down, at least one slot each."""
         return self.model_copy(update={
             "max_in_flight_per_replica": max(1, self.max_in_flight_per_replica // workers),
             "queue_limit": self.queue_limit // workers,
             "max_in_flight_per_key": self.max_in_flight_per_key and max(1, self.max_in_flight_per_key // workers),
+            "max_buffered_bytes": self.max_buffered_bytes // workers,
         })
 
     def upstream_urls(self) -> list[str]:

@@ -151,8 +151,11 @@ class Overloaded(ClientError):
     code = "overloaded"
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None) -> None:
-        super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s)})
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, headers={**(headers or {}), "Retry-After": str(retry_after_s)})
 
 
 class KeyOverLimit(Overloaded):

@@ -13,6 +13,7 @@ from scanner_gateway.api.auth import client_scope
 from scanner_gateway.errors import (
     BodyTimeout,
     KeyOverLimit,
+    Overloaded,
     PayloadTooLarge,
     UnsupportedMedia,
     error_response,
@@ -27,12 +28,20 @@ class BodySizeLimit:
     the gateway buffer more than `max_bytes`. The whole body must arrive within
     `timeout_s` of the app's first read (408): uvicorn has no such limit, and a client
     trickling a byte now and then would hold its connection and buffer for ever.
+
+    All requests together hold at most `max_buffered_bytes` of body until they end (429
+    `overloaded` beyond, before reading when the length is declared): each alone is
+    capped, but a burst of large uploads from slow shop uplinks is not, and would take
+    the process past its memory limit. (Conservative: a body counts until its answer is
+    sent, though a scan lets go of it earlier.)
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_buffered_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.max_buffered_bytes = max(max_buffered_bytes, max_bytes)  # one largest request always fits
+        self.buffered = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,9 +49,13 @@ class BodySizeLimit:
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._error()).__call__(scope, receive, send)
-            return
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await error_response(self._error()).__call__(scope, receive, send)
+                return
+            if self.buffered + int(declared) > self.max_buffered_bytes:
+                await error_response(self._busy()).__call__(scope, receive, send)
+                return
         encoding = headers.get(b"content-encoding")  # absent on nearly every request: no work then
         if encoding is not None and encoding.strip().lower() != b"identity":
             # Read as-is, a compressed body would fail later as "invalid JSON" or reach
@@ -75,16 +88,29 @@ class BodySizeLimit:
                     headers={"Connection": "close"},  # the rest of the body is never read
                 ) from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                size = len(message.get("body", b""))
+                if received + size > self.max_bytes:
                     raise self._error()
+                if self.buffered + size > self.max_buffered_bytes:
+                    raise self._busy(headers={"Connection": "close"})  # the rest is never read
+                received += size
+                self.buffered += size
                 body_done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.buffered -= received
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes", param="body")
+
+    def _busy(self, headers: dict[str, str] | None = None) -> Overloaded:
+        return Overloaded(
+            f"the gateway holds {self.buffered} bytes of request bodies already (its limit is "
+            f"{self.max_buffered_bytes}); retry shortly", retry_after_s=1, headers=headers,
+        )
 
 
 class KeyConcurrencyLimit:

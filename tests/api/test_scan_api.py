@@ -3,7 +3,9 @@ import codecs
 import gzip
 import json
 import socket
+import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -309,3 +311,35 @@ def test_ready_is_503_when_engine_is_gone():
         assert c.head("/ready").status_code == 503
         r = c.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "product_scan"})
         assert_error(r, 503, "upstream_unavailable")
+
+
+def test_bodies_held_at_once_are_bounded_and_released(settings):
+    # Each request may carry 300 KB, all of them together 400 KB.
+    capped = settings.model_copy(update={"max_request_bytes": 300_000, "max_buffered_bytes": 400_000})
+    padded = json.dumps({"task": "storefront"}).encode() + b" " * 200_000  # no images: a quick 400
+    with serve_in_thread(create_app(capped)) as url, httpx.Client(base_url=url, timeout=10) as http:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as slow:
+            # A slow shop uplink: 250 KB of a 300 KB photo has arrived, the rest is on its way.
+            slow.sendall(b"POST /v1/scan HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 300000\r\n\r\n" + b" " * 250_000)
+            deadline = time.monotonic() + 10
+            while (r := http.post("/v1/scan", content=padded, headers={"content-type": "application/json"})).status_code != 429:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.05)
+            assert assert_error(r, 429, "overloaded") and r.headers["retry-after"] == "1"
+            assert "bytes of request bodies" in r.json()["error"]["message"]
+            # Without a declared length the cap is met mid-body: 429, and the rest is not read.
+            with socket.create_connection((host, int(port))) as chunked:
+                chunk = b" " * 200_000
+                chunked.sendall(b"POST /v1/scan HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                chunked.settimeout(10)
+                answer = chunked.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 429") and b"connection: close" in answer.lower()
+        # The slow upload gave up: what it held is free again.
+        deadline = time.monotonic() + 10
+        while (r := http.post("/v1/scan", content=padded, headers={"content-type": "application/json"})).status_code == 429:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert_error(r, 400, "invalid_request")

@@ -39,3 +39,7 @@ def test_workers_share_the_admission_limits(cap, queue, workers, each):
 @pytest.mark.parametrize(("per_key", "workers", "each"), [(0, 4, 0), (8, 2, 4), (3, 4, 1), (5, 1, 5)])
 def test_workers_share_each_keys_limit_and_off_stays_off(per_key, workers, each):
     assert Settings(max_in_flight_per_key=per_key).for_one_of(workers).max_in_flight_per_key == each
+
+
+def test_workers_share_the_body_memory():
+    assert Settings(max_buffered_bytes=1 << 30).for_one_of(4).max_buffered_bytes == 1 << 28
