@@ -180,10 +180,8 @@ class ManagedEngine:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
-        except ProcessLookupError:
-            return
         # Its engine-core and worker processes outlive an API server that was killed (the
         # OOM killer picks the largest process), holding their memory: end the group too.
         with contextlib.suppress(ProcessLookupError):
