@@ -50,10 +50,11 @@ class BodySizeLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit():
-            if int(declared) > self.max_bytes:
+            length = int(declared)
+            if length > self.max_bytes:
                 await error_response(self._error()).__call__(scope, receive, send)
                 return
-            if self.buffered + int(declared) > self.max_buffered_bytes:
+            if self.buffered + length > self.max_buffered_bytes:
                 await error_response(self._busy()).__call__(scope, receive, send)
                 return
         encoding = headers.get(b"content-encoding")  # absent on nearly every request: no work then
