@@ -66,7 +66,7 @@ from rich.progress import Progress
 from scanner_gateway.cli import DEV_MAX_MODEL_LEN, cache_dir, ensure_dev_model
 from scanner_gateway.config import default_prompts_dir
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
-from scanner_gateway.scan.images import normalize_image
+from scanner_gateway.scan.images import NormalizedImage, normalize_image
 from scanner_gateway.scan.service import build_messages, build_payload
 from scanner_gateway.scan.tasks import Task, TaskRegistry
 from scanner_gateway.synthetic import shelf_jpeg
@@ -357,48 +357,19 @@ def main(
     prompts_dir = capped_prompts(max_items) if max_items else default_prompts_dir()
     registry = TaskRegistry.load(prompts_dir)
     task = registry.get("product_scan")
-    resolutions = [(1024, 768), (1600, 1200), (2000, 1500)]
-    raw = [shelf_jpeg(*resolutions[i % 3], seed=5000 + i) for i in range(photos)]
-    sized = [normalize_image(p, task.budget, max_bytes=2**26, max_pixels=10**8) for p in raw]
-    # As many distinct 12 MP photos as small ones: vLLM's encoder cache must not find a repeat.
-    big = [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(photos)]
+    sized, big = photo_sets(task, photos)
     model_dir = model or str(ensure_dev_model(cache_dir() / "dev-model"))
     procs: list[subprocess.Popen] = []
     engine = None
     try:
         if engine_url is None:
-            opts = EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
-                                 max_images=max(t.spec.max_images for t in registry),
-                                 max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
-                                 max_model_len=DEV_MAX_MODEL_LEN,
-                                 extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)),
-                                             *CACHES_OFF])
-            engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
-            console.print("starting vLLM ...")
-            engine.start()
-            engine.wait_healthy(900)
+            engine = start_engine(model_dir, registry, task)
             engine_url = engine.base_url
         served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
 
         direct_finish: Counter = Counter()  # vLLM's finish reasons: "length" = a JSON cut off
-
-        async def vllm_direct(client: httpx.AsyncClient, i: int) -> int:
-            img = sized[i % len(sized)]
-            payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
-            r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
-            if r.status_code == 200:
-                direct_finish[r.json()["choices"][0]["finish_reason"]] += 1
-            return r.status_code
-
-        # Raw 12 MP photos straight to vLLM: the request bodies are built once, so the
-        # load generator spends no CPU per request on base64 and JSON.
-        raw_bodies = [json.dumps(build_payload(task, served, build_messages(task, [raw_image(photo)], "en"), 1,
-                                               task.spec.sampling.max_tokens)).encode() for photo in big]
-
-        async def vllm_direct_raw(client: httpx.AsyncClient, i: int) -> int:
-            r = await client.post(f"{engine_url}/v1/chat/completions", content=raw_bodies[i % len(raw_bodies)],
-                                  headers={"content-type": "application/json"})
-            return r.status_code
+        vllm_direct = direct_sender(engine_url, task, served, sized, direct_finish)
+        vllm_direct_raw = raw_direct_sender(engine_url, task, served, big)
 
         # Calibrate the output length the transformers systems must match.
         usage = []
@@ -451,19 +422,11 @@ def main(
             if f"seed-{name}" in systems:
                 start_seed(name)
 
-        def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
-            async def send(client: httpx.AsyncClient, i: int) -> bool:
-                r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
-                                      data=extra)
-                return r.status_code
-            return send
-
         sized_bytes = [img.jpeg for img in sized]
-        scan_form = {"task": "product_scan", "locale": "en"}
         senders: dict[str, Send] = {
             "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", sized_bytes, {}),
             "seed-after": multipart(f"http://127.0.0.1:{seed_ports.get('after')}/scan", sized_bytes, {}),
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, scan_form),
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, SCAN_FORM),
             "vllm-direct": vllm_direct,
         }
         chosen = [s for s in SYSTEMS if s in systems.split(",")]
@@ -471,7 +434,7 @@ def main(
         gpu = GpuMeter()
         designed: dict[str, SystemResult] = {}
         designed_senders = {
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, scan_form),
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, SCAN_FORM),
             "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {}),
         }
         if engine is not None or engine_has_budget:  # else vLLM would see the raw photo at full size
@@ -514,7 +477,7 @@ def main(
                   "gateway_overload_settings": {view: runs["gateway"].overload_settings
                                                 for view, runs in (("same budget", results), ("12 MP", designed))
                                                 if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
-                  "seconds_per_level": seconds, "photos": photos, "resolutions": resolutions,
+                  "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
                   "same_budget": {k: asdict(v) for k, v in results.items()},
                   "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
         write_report(report, results, designed, ROOT / "bench" / "results" / out)
@@ -523,6 +486,68 @@ def main(
             proc.terminate()
         if engine is not None:
             engine.stop()
+
+
+RESOLUTIONS = [(1024, 768), (1600, 1200), (2000, 1500)]
+SCAN_FORM = {"task": "product_scan", "locale": "en"}
+
+
+def photo_sets(task: Task, photos: int) -> tuple[list[NormalizedImage], list[bytes]]:
+    """`photos` distinct shelf photos at three resolutions, already sized to the task's
+    budget, and as many distinct 12 MP ones (vLLM's encoder cache must find no repeat)."""
+    raw = [shelf_jpeg(*RESOLUTIONS[i % 3], seed=5000 + i) for i in range(photos)]
+    sized = [normalize_image(p, task.budget, max_bytes=2**26, max_pixels=10**8) for p in raw]
+    return sized, [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(photos)]
+
+
+def start_engine(model_dir: str, registry: TaskRegistry, task: Task) -> ManagedEngine:
+    """vLLM on `model_dir` as the bench runs it: the task's budget applied server-side
+    (for raw photos sent straight to it) and its prefix and processor caches off."""
+    opts = EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
+                         max_images=max(t.spec.max_images for t in registry),
+                         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
+                         max_model_len=DEV_MAX_MODEL_LEN,
+                         extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)), *CACHES_OFF])
+    engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
+    console.print("starting vLLM ...")
+    engine.start()
+    engine.wait_healthy(900)
+    return engine
+
+
+def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
+    """POST each photo in turn as a multipart upload (the gateway's and the seeds' API)."""
+    async def send(client: httpx.AsyncClient, i: int) -> int:
+        r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
+                              data=extra)
+        return r.status_code
+    return send
+
+
+def direct_sender(engine_url: str, task: Task, served: str, sized: list[NormalizedImage], finish: Counter) -> Send:
+    """The gateway's own prompt and sized photo straight to vLLM; its finish reasons are
+    counted ("length": a JSON cut off, which vllm-direct still counts as an answer)."""
+    async def send(client: httpx.AsyncClient, i: int) -> int:
+        payload = build_payload(task, served, build_messages(task, [sized[i % len(sized)]], "en"), 1,
+                                task.spec.sampling.max_tokens)
+        r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
+        if r.status_code == 200:
+            finish[r.json()["choices"][0]["finish_reason"]] += 1
+        return r.status_code
+    return send
+
+
+def raw_direct_sender(engine_url: str, task: Task, served: str, photos: list[bytes]) -> Send:
+    """Raw photos straight to vLLM. The bodies are built once, so the load generator
+    spends no CPU per request on base64 and JSON."""
+    bodies = [json.dumps(build_payload(task, served, build_messages(task, [raw_image(photo)], "en"), 1,
+                                       task.spec.sampling.max_tokens)).encode() for photo in photos]
+
+    async def send(client: httpx.AsyncClient, i: int) -> int:
+        r = await client.post(f"{engine_url}/v1/chat/completions", content=bodies[i % len(bodies)],
+                              headers={"content-type": "application/json"})
+        return r.status_code
+    return send
 
 
 def capped_prompts(max_items: int) -> Path:

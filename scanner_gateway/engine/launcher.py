@@ -136,6 +136,11 @@ class ManagedEngine:
         log.close()
 
     @property
+    def pid(self) -> int | None:
+        """The `vllm serve` (API server) process; its engine core runs as its child."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def exit_code(self) -> int | None:
         """None while `vllm serve` runs; its exit code once it has ended (negative: the
         signal that killed it, -9 being what the kernel's OOM killer sends)."""

@@ -40,3 +40,41 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
     finally:
         for suffix in (".json", ".md", ".png"):
             (results / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def test_ab_runs_paired_rounds_and_splits_the_cpu_by_process(engine, dev_model_dir):
+    name = "smoke-test-ab"
+    results = ROOT / "bench" / "results"
+    try:
+        done = subprocess.run(
+            [sys.executable, "bench/ab.py", "--engine-url", engine.base_url, "--engine-pid", str(engine.pid),
+             "--model", str(dev_model_dir), "--views", "same-budget", "--levels", "2", "--rounds", "2",
+             "--seconds", "2", "--photos", "4", "--max-items", "2", "--out", name],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        report = json.loads((results / f"{name}.json").read_text())
+        # ABBA: each system ran once per round, first in alternate rounds.
+        runs = report["runs"]
+        assert [(r["round"], r["system"]) for r in runs] == [
+            (0, "gateway"), (0, "vllm-direct"), (1, "vllm-direct"), (1, "gateway")]
+        assert all(r["answers"] >= 1 for r in runs)
+        (row,) = report["summary"]
+        assert row["view"] == "same-budget" and row["concurrency"] == 2 and len(row["paired_ratios"]) == 2
+        assert row["ratio_of_means"] > 0
+        cpu = row["gateway"]["cpu_ms_per_answer"]
+        assert set(cpu) == {"gateway", "vLLM API", "vLLM engine core", "load generator"}
+        # The engine did the model's work; the gateway relayed it (vllm-direct bypassed it).
+        assert cpu["vLLM engine core"] > cpu["gateway"] > row["vllm-direct"]["cpu_ms_per_answer"]["gateway"]
+        assert "| same-budget | 2 |" in (results / f"{name}.md").read_text()
+    finally:
+        for suffix in (".json", ".md"):
+            (results / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def test_ab_refuses_raw_photos_for_an_engine_without_the_budget(engine):
+    done = subprocess.run(
+        [sys.executable, "bench/ab.py", "--engine-url", engine.base_url, "--views", "12mp"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and "--engine-has-budget" in done.stdout + done.stderr
