@@ -28,7 +28,8 @@ per scan on a CPU); `--max-items N` caps the task's arrays for every system alik
 For each system: latency at concurrency 1; a closed-loop concurrency sweep (1, 2, 4, ...)
 whose best throughput with p95 <= SLO and errors <= 1% is "max QPS" (answers/s in the
 steady window, after every client's first answer). The systems take turns at each level
-(order rotated), so slow drift of the shared machine hits all of them alike. Then an open
+(gateway and vllm-direct back to back, which goes first alternating; the seeds rotated),
+so slow drift of the shared machine hits all of them alike. Then an open
 loop at 10x that rate: the error rate (non-200 or no answer within 2x SLO) and the answers
 within the SLO per second; the gateway runs it with admission sized from its own sweep, as
 an operator would (in-flight cap = the knee's concurrency). CPU utilisation of the machine
@@ -259,15 +260,14 @@ def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu:
 
 def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s: float, gpu: GpuMeter,
           quiet: float, progress: Progress) -> dict[str, SystemResult]:
-    """Every system at c=1, then at each concurrency level, the systems taking turns (the
-    order rotates per level) so slow drift of a shared machine hits them all alike. A
-    system leaves the sweep once a level breaks its SLO."""
+    """Every system at c=1, then at each concurrency level, the systems taking turns
+    (`turn_order`) so slow drift of a shared machine hits them all alike. A system leaves
+    the sweep once a level breaks its SLO."""
     results = {name: SystemResult(name) for name in senders}
     bars = {name: progress.add_task(name, total=len(levels) + 1) for name in senders}
     active = list(senders)
     for step, concurrency in enumerate([1, *levels]):
-        turn = step % len(active) if active else 0
-        for name in active[turn:] + active[:turn]:
+        for name in turn_order(active, step):
             settle(quiet)
             level = measure(senders[name], concurrency, seconds, slo_s * 2, gpu)
             progress.advance(bars[name])
@@ -275,6 +275,27 @@ def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s:
                 active.remove(name)
                 progress.update(bars[name], completed=len(levels) + 1)
     return results
+
+
+PAIRED = ("gateway", "vllm-direct")
+
+
+def turn_order(active: list[str], step: int) -> list[str]:
+    """The order of one level: gateway and vllm-direct back to back, which of them goes
+    first alternating per level, then the other systems in rotating order.
+
+    Adjacent, the two whose ratio the targets compare see the same machine; the system
+    that runs right after another's level pays for it (measured: ~5% after seed-after's
+    c=16 level, ab.py); across levels that place falls to each of the pair alike.
+    """
+    pair = [name for name in active if name.split(" (")[0] in PAIRED]
+    if step % 2:
+        pair.reverse()
+    rest = [name for name in active if name not in pair]
+    # Rotating every second level: with two seeds, a rotation per level would hand the
+    # place after the same seed to the same one of the pair at every level.
+    turn = (step // 2) % len(rest) if rest else 0
+    return pair + rest[turn:] + rest[:turn]
 
 
 def overload_system(result: SystemResult, send: Send, seconds: float, slo_s: float) -> None:
