@@ -480,11 +480,17 @@ def main(
                     overload_system(result, send_of[name], overload_seconds, slo_s)
                     if name.startswith("seed-"):
                         restart_seed(name.removeprefix("seed-"))
-                    elif engine is not None and engine.exit_code is not None:
+                        progress.advance(bar)
+                        continue
+                    # The engine works on through the backlog after the clients gave up (and
+                    # has been OOM-killed doing so): wait for it here, so that its fate is put
+                    # down to the run that left the backlog, not to the next or to none.
+                    settle(quiet)
+                    if engine is not None and engine.exit_code is not None:
                         # Unguarded, vLLM takes in every photo it is sent: a 10x burst of 12 MP
                         # ones has had its API process OOM-killed here (18 GB). Say so, and go on.
                         code = engine.exit_code
-                        result.overload_note = (f"vLLM exited during this run (code {code}"
+                        result.overload_note = (f"vLLM exited during this run or the backlog it left (code {code}"
                                                 + (": SIGKILL, as the kernel's OOM killer sends" if code == -9 else "")
                                                 + "); restarted for what followed")
                         console.print(f"[red]{name}: {result.overload_note}[/red]")
