@@ -259,10 +259,11 @@ def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu:
 
 
 def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s: float, gpu: GpuMeter,
-          quiet: float, progress: Progress) -> dict[str, SystemResult]:
+          quiet: float, progress: Progress, log: Path) -> dict[str, SystemResult]:
     """Every system at c=1, then at each concurrency level, the systems taking turns
     (`turn_order`) so slow drift of a shared machine hits them all alike. A system leaves
-    the sweep once a level breaks its SLO."""
+    the sweep once a level breaks its SLO. Each level is appended to `log` (JSON lines)
+    as it ends: a run cut short (a lent GPU's time running out) keeps what it measured."""
     results = {name: SystemResult(name) for name in senders}
     bars = {name: progress.add_task(name, total=len(levels) + 1) for name in senders}
     active = list(senders)
@@ -270,6 +271,8 @@ def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s:
         for name in turn_order(active, step):
             settle(quiet)
             level = measure(senders[name], concurrency, seconds, slo_s * 2, gpu)
+            with log.open("a") as out:
+                out.write(json.dumps({"system": name, **asdict(level)}) + "\n")
             progress.advance(bars[name])
             if not results[name].add(level, slo_s):
                 active.remove(name)
@@ -371,6 +374,7 @@ def main(
     photos: int = typer.Option(48, help="Distinct photos (several resolutions)."),
     systems: str = typer.Option(",".join(SYSTEMS), help="Which systems to run."),
     as_designed: bool = typer.Option(True, help="Also run the 12 MP view (gateway, seed-before, vllm-direct raw)."),
+    overload: bool = typer.Option(True, help="Run each system at 10x its max QPS (off: a short GPU lease)."),
     out: str = typer.Option("compare-cpu", help="Results name under bench/results/."),
     max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
                                           "(0: the task as shipped); shorter answers, image work dominates."),
@@ -421,8 +425,12 @@ def main(
             procs.append(gateway[0])
             wait_http(f"http://127.0.0.1:{gw_port}/ready")
 
-        # The sweeps go up to c=32: room for all of it, and a queue as long as the SLO.
-        start_gateway({"SCANNER_MAX_QUEUE_WAIT_S": str(slo_s)})
+        level_list = [int(c) for c in levels.split(",") if c]
+        # Room for the sweep's highest level (the default cap, 32, would queue a GPU's
+        # c=64 in the gateway: architecture, not admission, is measured here), and a
+        # queue as long as the SLO.
+        start_gateway({"SCANNER_MAX_QUEUE_WAIT_S": str(slo_s),
+                       "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max(level_list, default=1))})
         seed_ports: dict[str, int] = {}
         seed_procs: dict[str, subprocess.Popen] = {}
 
@@ -451,7 +459,6 @@ def main(
             "vllm-direct": vllm_direct,
         }
         chosen = [s for s in SYSTEMS if s in systems.split(",")]
-        level_list = [int(c) for c in levels.split(",") if c]
         gpu = GpuMeter()
         designed: dict[str, SystemResult] = {}
         designed_senders = {
@@ -460,7 +467,12 @@ def main(
         }
         if engine is not None or engine_has_budget:  # else vLLM would see the raw photo at full size
             designed_senders["vllm-direct"] = vllm_direct_raw
-        sweep_args = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu}
+        base = ROOT / "bench" / "results" / out
+        base.parent.mkdir(parents=True, exist_ok=True)
+        level_log = base.with_suffix(".levels.jsonl")
+        level_log.write_text("")
+        console.print(f"each level as it ends: {level_log}")
+        sweep_args = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu, "log": level_log}
         quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
         console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
         with Progress(console=console) as progress:
@@ -470,8 +482,8 @@ def main(
                 designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
                     {f"{n} (12 MP)": designed_senders[n] for n in designed_senders if n in chosen},
                     quiet=quiet, progress=progress, **sweep_args).items()}
-            bar = progress.add_task("10x overload runs", total=len(results) + len(designed))
-            for runs, send_of in ((results, senders), (designed, designed_senders)):
+            bar = progress.add_task("10x overload runs", total=len(results) + len(designed) if overload else 0)
+            for runs, send_of in ((results, senders), (designed, designed_senders)) if overload else ():
                 for name, result in runs.items():
                     if name == "gateway":
                         result.overload_settings = admission_for(result, slo_s)
@@ -503,11 +515,12 @@ def main(
         report = {"machine": machine(), "gateway_work": dict(gateway_work), "engine_cache_hits": engine_caches,
                   "gateway_overload_settings": {view: runs["gateway"].overload_settings
                                                 for view, runs in (("same budget", results), ("12 MP", designed))
-                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s, "overload_run": overload,
                   "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
                   "same_budget": {k: asdict(v) for k, v in results.items()},
                   "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
-        write_report(report, results, designed, ROOT / "bench" / "results" / out)
+        write_report(report, results, designed, base)
+        level_log.unlink()  # all of it is in the report now
     finally:
         for proc in procs:
             proc.terminate()
@@ -656,6 +669,7 @@ def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
 
 def table(results: dict[str, SystemResult]) -> list[str]:
     names = list(results)
+    ran_overload = any(r.overload_rate for r in results.values())
     rows = [
         ("average response time (c=1)", lambda r: _fmt(r.unloaded.avg_ms, ".0f", " ms")),
         ("p95 / p99 (c=1)", lambda r: f"{_fmt(r.unloaded.p95_ms)} / {_fmt(r.unloaded.p99_ms)} ms"),
@@ -666,13 +680,16 @@ def table(results: dict[str, SystemResult]) -> list[str]:
         ("CPU utilisation at max QPS", lambda r: _fmt(r.at_max.cpu_util * 100 if r.at_max else None, ".0f", "%")),
         ("GPU utilisation at max QPS", lambda r: _fmt(r.at_max.gpu_util * 100 if r.at_max and r.at_max.gpu_util
                                                       is not None else None, ".0f", "%")),
-        ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"),
+        ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"
+                                        if r.overload_rate else "not run"),
         ("of which 429 / 5xx / timeout / refused", lambda r: " / ".join(
             str(r.overload_outcomes.get(k, 0)) for k in ("429", "5xx", "timeout", "connection"))),
         ("answers within SLO at 10x (per s, to the last answer)", lambda r: _fmt(r.overload_goodput, ".2f")),
         ("p95 of answers at 10x", lambda r: _fmt(r.overload_p95_ms, ".0f", " ms")),
     ]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    if not ran_overload:  # --no-overload: one row says so
+        rows = rows[:rows.index(next(r for r in rows if r[0].startswith("error rate"))) + 1]
     lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
     return lines
 
@@ -701,8 +718,9 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"{report['seconds_per_level']:g} s per concurrency level, the systems taking turns at each level; "
           "QPS = answers/s once every client had its first answer (ramp-up left out); "
           f"{report['photos']} distinct photos.",
-          f"Gateway admission in the 10x runs, sized from its sweep (in-flight cap = the knee's concurrency, "
-          f"queue wait = SLO - the knee's p95): {report['gateway_overload_settings']}.",
+          (f"Gateway admission in the 10x runs, sized from its sweep (in-flight cap = the knee's concurrency, "
+           f"queue wait = SLO - the knee's p95): {report['gateway_overload_settings']}."
+           if report["overload_run"] else "No 10x runs (--no-overload)."),
           f"Answer validity: the gateway retried {report['gateway_work']['retried']:.0f} of "
           f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
           f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "

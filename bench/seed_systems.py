@@ -41,14 +41,23 @@ class Generator:
 
     def __init__(self, model_dir: str, max_new_tokens: int) -> None:
         import torch
-        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
 
         from scanner_gateway.scan.tasks import TaskRegistry
 
         self.torch = torch
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.processor.tokenizer.padding_side = "left"  # batched generation
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # On a GPU as the seed ran there (bf16); float32 on CPU, where bf16 matmuls are slow.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        if any(Path(model_dir).glob("*.safetensors")):
+            model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device)
+        else:  # shapes only (make-dev-model --preset qwen3-vl-8b): random weights, as vLLM's dummy load
+            config = AutoConfig.from_pretrained(model_dir)
+            with torch.device(self.device):
+                model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
+        self.model = model.eval()
         self.max_new_tokens = max_new_tokens
         system, user = TaskRegistry.load(ROOT / "prompts").get("product_scan").render("en", 1)
         messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
@@ -57,7 +66,8 @@ class Generator:
         self.lock = threading.Lock()  # one generate at a time: the model is not re-entrant
 
     def generate(self, images: list) -> list[str]:
-        inputs = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True)
+        inputs = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt",
+                                padding=True).to(self.device)
         with self.lock, self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
                                       min_new_tokens=self.max_new_tokens, do_sample=False)

@@ -278,12 +278,19 @@ async def _check_gateway(client: AsyncScanClient, url: str, task: str) -> None:
 def make_dev_model(
     directory: Annotated[Path, typer.Argument(help="Output directory.")],
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 1234,
+    preset: Annotated[
+        str,
+        typer.Option(help="tiny (the dev model) or qwen3-vl-8b (8B shapes, no weights: "
+                     "for `vllm serve --load-format dummy` on a GPU)."),
+    ] = "tiny",
 ) -> None:
     """Write the tiny random-weight Qwen3-VL dev model (no download)."""
-    from scanner_gateway.engine.devmodel import build_dev_model
+    from scanner_gateway.engine.devmodel import PRESETS, build_dev_model
 
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"one of {', '.join(PRESETS)}", param_hint="--preset")
     try:
-        out = build_dev_model(directory, seed=seed)
+        out = build_dev_model(directory, seed=seed, preset=preset)
     except ImportError as exc:
         console.print(f"[red]needs torch and transformers (pip install '.[engine-cpu]'): {exc}[/red]")
         raise typer.Exit(1) from exc

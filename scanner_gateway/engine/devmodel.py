@@ -95,13 +95,11 @@ def _train_tokenizer() -> Any:
     )
 
 
-def _model_config(tokenizer: Any) -> Any:
-    from transformers import Qwen3VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    # head_dim 32: the smallest head size vLLM's CPU attention backend supports.
-    text = {
-        "vocab_size": len(tokenizer),
+# Shapes by preset. "tiny": the dev model (head_dim 32, the smallest head size vLLM's
+# CPU attention backend supports). "qwen3-vl-8b": Qwen3-VL-8B's published shapes, written
+# without weights, for `vllm serve --load-format dummy` on a GPU (the bench's 8B runs).
+_TEXT_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -109,10 +107,54 @@ def _model_config(tokenizer: Any) -> Any:
         "num_key_value_heads": 1,
         "head_dim": 32,
         "max_position_embeddings": 32768,
+        "mrope_section": [6, 5, 5],
+    },
+    "qwen3-vl-8b": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 262144,
+        "mrope_section": [24, 20, 20],
+    },
+}
+_VISION_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "deepstack_visual_indexes": [1],
+    },
+    "qwen3-vl-8b": {
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "out_hidden_size": 4096,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+}
+PRESETS = tuple(_TEXT_SHAPES)
+
+
+def _model_config(tokenizer: Any, preset: str = "tiny") -> Any:
+    from transformers import Qwen3VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    shape = dict(_TEXT_SHAPES[preset])
+    mrope_section = shape.pop("mrope_section")
+    text = {
+        "vocab_size": len(tokenizer),
+        **shape,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 5000000.0,
-            "mrope_section": [6, 5, 5],
+            "mrope_section": mrope_section,
             "mrope_interleaved": True,
         },
         "bos_token_id": ids["<|endoftext|>"],
@@ -121,16 +163,11 @@ def _model_config(tokenizer: Any) -> Any:
         "tie_word_embeddings": False,
     }
     vision = {
-        "depth": 2,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_heads": 2,
+        **_VISION_SHAPES[preset],
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
-        "out_hidden_size": 64,
         "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [1],
     }
     return Qwen3VLConfig(
         text_config=text,
@@ -175,22 +212,52 @@ def _processor(tokenizer: Any) -> Any:
     )
 
 
-def build_dev_model(out_dir: Path, seed: int = DEFAULT_SEED) -> Path:
-    """Write the dev model to `out_dir` (created) and return it."""
+def build_dev_model(out_dir: Path, seed: int = DEFAULT_SEED, preset: str = "tiny") -> Path:
+    """Write the dev model to `out_dir` (created) and return it.
+
+    preset "qwen3-vl-8b" writes Qwen3-VL-8B's shapes with the dev tokenizer and no
+    weights: for `vllm serve --load-format dummy` (GPU benchmarks, no download)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = _train_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = _model_config(tokenizer)
+    config = _model_config(tokenizer, preset)
+    if preset != "tiny":
+        config.dtype = torch.bfloat16  # as Qwen3-VL-8B ships; vLLM's "auto" dtype reads it
+        return _write_config_only(out_dir, config, tokenizer, preset)
     model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     _processor(tokenizer).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    _write_generation_config(out_dir, config)
+    (out_dir / "DEV_MODEL.md").write_text(
+        f"# {DEV_MODEL_NAME}\n\nRandom weights (seed {seed}), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters. "
+        "Built by `scanner-gateway make-dev-model`; for tests and laptops only.\n"
+    )
+    return out_dir
+
+
+def _write_config_only(out_dir: Path, config: Any, tokenizer: Any, preset: str) -> Path:
+    config.save_pretrained(out_dir)
+    _processor(tokenizer).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _write_generation_config(out_dir, config)
+    (out_dir / "DEV_MODEL.md").write_text(
+        f"# {DEV_MODEL_NAME} ({preset} shapes, no weights)\n\nServe with `vllm serve DIR "
+        "--load-format dummy`; the bench's seed systems initialise random weights from it.\n"
+    )
+    return out_dir
+
+
+def _write_generation_config(out_dir: Path, config: Any) -> None:
     # Greedy by default; vLLM is started with --generation-config vllm anyway.
     (out_dir / "generation_config.json").write_text(
         json.dumps(
@@ -203,12 +270,6 @@ def build_dev_model(out_dir: Path, seed: int = DEFAULT_SEED) -> Path:
             indent=2,
         )
     )
-    (out_dir / "DEV_MODEL.md").write_text(
-        f"# {DEV_MODEL_NAME}\n\nRandom weights (seed {seed}), "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters. "
-        "Built by `scanner-gateway make-dev-model`; for tests and laptops only.\n"
-    )
-    return out_dir
 
 
 def is_model_dir(path: Path) -> bool:
