@@ -401,7 +401,11 @@ def main(
         with httpx.Client(timeout=300) as c:
             for img in sized[:6]:
                 payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
-                usage.append(c.post(f"{engine_url}/v1/chat/completions", json=payload).json()["usage"]["completion_tokens"])
+                answer = c.post(f"{engine_url}/v1/chat/completions", json=payload)
+                if answer.status_code != 200:  # e.g. a config vLLM loads as a pooling model
+                    raise SystemExit(f"vLLM at {engine_url} cannot answer the task: {answer.status_code} "
+                                     f"{answer.text[:500]}")
+                usage.append(answer.json()["usage"]["completion_tokens"])
         out_tokens = round(statistics.mean(usage))
         console.print(f"vLLM answers product_scan in {out_tokens} tokens on average: the seed systems generate that many")
 

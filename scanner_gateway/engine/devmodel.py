@@ -230,6 +230,9 @@ def build_dev_model(out_dir: Path, seed: int = DEFAULT_SEED, preset: str = "tiny
     config = _model_config(tokenizer, preset)
     if preset != "tiny":
         config.dtype = torch.bfloat16  # as Qwen3-VL-8B ships; vLLM's "auto" dtype reads it
+        # Saved without a model, the config names no architecture, and vLLM would load
+        # it as a pooling model: name the one it is.
+        config.architectures = ["Qwen3VLForConditionalGeneration"]
         return _write_config_only(out_dir, config, tokenizer, preset)
     model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
     model.eval()
