@@ -37,8 +37,9 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
             assert row in md
         assert report["gateway_work"]["loop_late_s"] >= 0 and "loop_late_over_1s" in report["gateway_work"]
         assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not (results / f"{name}.levels.jsonl").exists()  # a finished run's levels are in the report
     finally:
-        for suffix in (".json", ".md", ".png"):
+        for suffix in (".json", ".md", ".png", ".levels.jsonl"):
             (results / f"{name}{suffix}").unlink(missing_ok=True)
 
 
