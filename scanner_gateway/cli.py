@@ -284,7 +284,7 @@ def make_dev_model(
                      "for `vllm serve --load-format dummy` on a GPU)."),
     ] = "tiny",
 ) -> None:
-    """Write the tiny random-weight Qwen3-VL dev model (no download)."""
+    """Write the tiny random-weight Qwen3-VL dev model, or the 8B shapes alone (no download)."""
     from scanner_gateway.engine.devmodel import PRESETS, build_dev_model
 
     if preset not in PRESETS:
