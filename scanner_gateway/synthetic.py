@@ -41,9 +41,16 @@ def shelf_photo(width: int = 1024, height: int = 768, seed: int = 0) -> Image.Im
             draw.text((x + 4, tag_y + 1), f"{rng.randint(1, 99)}.{rng.choice(['00', '50', '90'])}",
                       fill=(0, 0, 0), font=font)
             x += w + rng.randint(2, 10)
-    # Fine noise so JPEG sizes resemble real photos rather than flat cartoons.
-    noise = Image.effect_noise((width, height), 18).convert("RGB")
+    # Fine noise so JPEG sizes resemble real photos rather than flat cartoons. From the
+    # seeded generator, not Image.effect_noise (C rand(), unseeded): the same seed must
+    # give the same bytes in every process, or a benchmark's systems see different photos.
+    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height))
+    noise = noise.point(_NOISE_SPREAD).convert("RGB")
     return Image.blend(img, noise, 0.08)
+
+
+# Uniform bytes (std ~74) squeezed around grey to std ~18, the spread the noise had before.
+_NOISE_SPREAD = [round(128 + (v - 128) * 18 / 74) for v in range(256)]
 
 
 def shelf_jpeg(width: int = 1024, height: int = 768, seed: int = 0, quality: int = 90) -> bytes:
