@@ -486,8 +486,9 @@ def main(
                 designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
                     {f"{n} (12 MP)": designed_senders[n] for n in designed_senders if n in chosen},
                     quiet=quiet, progress=progress, **sweep_args).items()}
-            bar = progress.add_task("10x overload runs", total=len(results) + len(designed) if overload else 0)
-            for runs, send_of in ((results, senders), (designed, designed_senders)) if overload else ():
+            overloads = ((results, senders), (designed, designed_senders)) if overload else ()
+            bar = progress.add_task("10x overload runs", total=len(results) + len(designed), visible=overload)
+            for runs, send_of in overloads:
                 for name, result in runs.items():
                     if name == "gateway":
                         result.overload_settings = admission_for(result, slo_s)
@@ -673,7 +674,6 @@ def _fmt(v: float | None, spec: str = ".0f", unit: str = "") -> str:
 
 def table(results: dict[str, SystemResult]) -> list[str]:
     names = list(results)
-    ran_overload = any(r.overload_rate for r in results.values())
     rows = [
         ("average response time (c=1)", lambda r: _fmt(r.unloaded.avg_ms, ".0f", " ms")),
         ("p95 / p99 (c=1)", lambda r: f"{_fmt(r.unloaded.p95_ms)} / {_fmt(r.unloaded.p99_ms)} ms"),
@@ -686,14 +686,16 @@ def table(results: dict[str, SystemResult]) -> list[str]:
                                                       is not None else None, ".0f", "%")),
         ("error rate at 10x capacity", lambda r: f"{r.overload_error_rate * 100:.1f}% (of {r.overload_rate:.1f} req/s)"
                                         if r.overload_rate else "not run"),
+    ]
+    overload_rows = [
         ("of which 429 / 5xx / timeout / refused", lambda r: " / ".join(
             str(r.overload_outcomes.get(k, 0)) for k in ("429", "5xx", "timeout", "connection"))),
         ("answers within SLO at 10x (per s, to the last answer)", lambda r: _fmt(r.overload_goodput, ".2f")),
         ("p95 of answers at 10x", lambda r: _fmt(r.overload_p95_ms, ".0f", " ms")),
     ]
+    if any(r.overload_rate for r in results.values()):  # else (--no-overload) the row above says "not run"
+        rows += overload_rows
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    if not ran_overload:  # --no-overload: one row says so
-        rows = rows[:rows.index(next(r for r in rows if r[0].startswith("error rate"))) + 1]
     lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
     return lines
 
