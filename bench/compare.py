@@ -44,6 +44,7 @@ import base64
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -52,7 +53,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -364,6 +365,9 @@ def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> s
 def main(
     model: str = typer.Option(None, help="Model dir (default: the dev model)."),
     engine_url: str = typer.Option(None, help="Use this running vLLM instead of starting one."),
+    engine_args: str = typer.Option(
+        "", help="More `vllm serve` flags for the engine the bench starts (shell words), e.g. on a GPU "
+                 "'--load-format dummy --gpu-memory-utilization 0.5'."),
     engine_has_budget: bool = typer.Option(
         False, help="The --engine-url vLLM runs with product_scan's budget in --mm-processor-kwargs "
                     "(then the 12 MP view also sends raw photos straight to it)."),
@@ -379,6 +383,9 @@ def main(
     max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
                                           "(0: the task as shipped); shorter answers, image work dominates."),
 ) -> None:
+    if engine_url and engine_args:
+        raise typer.BadParameter("flags for an engine the bench starts; it starts none with --engine-url",
+                                 param_hint="--engine-args")
     prompts_dir = capped_prompts(max_items) if max_items else default_prompts_dir()
     registry = TaskRegistry.load(prompts_dir)
     task = registry.get("product_scan")
@@ -388,7 +395,7 @@ def main(
     engine = None
     try:
         if engine_url is None:
-            engine = start_engine(model_dir, registry, task)
+            engine = start_engine(model_dir, registry, task, shlex.split(engine_args))
             engine_url = engine.base_url
         served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
 
@@ -545,16 +552,23 @@ def photo_sets(task: Task, photos: int) -> tuple[list[NormalizedImage], list[byt
     return sized, [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(photos)]
 
 
-def start_engine(model_dir: str, registry: TaskRegistry, task: Task) -> ManagedEngine:
-    """vLLM on `model_dir` as the bench runs it: the task's budget applied server-side
-    (for raw photos sent straight to it) and its prefix and processor caches off."""
-    opts = EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
+def bench_engine_options(model_dir: str, registry: TaskRegistry, task: Task,
+                         extra_args: Sequence[str] = ()) -> EngineOptions:
+    """vLLM on `model_dir` as the bench runs it: the gateway's own flags, the task's budget
+    applied server-side (for raw photos sent straight to it), its prefix and processor
+    caches off, then `extra_args` (a GPU run's `--load-format dummy`, say)."""
+    return EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
                          max_images=max(t.spec.max_images for t in registry),
                          max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
                          max_model_len=DEV_MAX_MODEL_LEN,
-                         extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)), *CACHES_OFF])
-    engine = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
-    console.print("starting vLLM ...")
+                         extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)), *CACHES_OFF,
+                                     *extra_args])
+
+
+def start_engine(model_dir: str, registry: TaskRegistry, task: Task, extra_args: Sequence[str] = ()) -> ManagedEngine:
+    engine = ManagedEngine(bench_engine_options(model_dir, registry, task, extra_args),
+                           Path(tempfile.mkdtemp()) / "vllm.log")
+    console.print(f"starting vLLM ... (log: {engine.log_path})")
     engine.start()
     engine.wait_healthy(900)
     return engine
