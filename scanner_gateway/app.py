@@ -23,7 +23,7 @@ from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
 from scanner_gateway.errors import install_error_handlers
-from scanner_gateway.loop_lag import watch_loop_lag
+from scanner_gateway.loop_lag import LoopStalls, watch_loop_lag
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.scan.idempotency import IdempotencyCache
 from scanner_gateway.scan.image_urls import ImageFetcher
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
             read_timeout_s=settings.engine_read_timeout_s,
             max_connections=settings.engine_max_connections,
         )
+        stalls = LoopStalls()
         pool = ReplicaPool(
             [EngineClient(session, url, api_key=settings.upstream_api_key) for url in upstream_urls],
             build_policy(settings.routing),
@@ -72,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
             probe_interval_s=settings.probe_interval_s,
             max_attempts=settings.upstream_attempts,
             metrics=metrics,
+            stalled_since=stalls.stalled_since,
         )
         await pool.start()
         normalizer = ImageNormalizer(
@@ -120,7 +122,12 @@ def create_app(settings: Settings) -> FastAPI:
         # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
         gc.collect()
         gc.freeze()
-        lag_watch = asyncio.create_task(watch_loop_lag(metrics.loop_lag.observe), name="loop-lag")
+
+        def observe_lag(lag: float) -> None:
+            metrics.loop_lag.observe(lag)
+            stalls.observe(lag)
+
+        lag_watch = asyncio.create_task(watch_loop_lag(observe_lag), name="loop-lag")
         try:
             yield
         finally:

@@ -12,6 +12,11 @@
   a replica that only dropped the connection or was slow to connect may be tried again
   when no untried one is left.
   With no routable replica left it fails at once with 503: never a hang.
+- Such a flaky failure (dropped, slow to connect) during which the gateway's own event
+  loop stood still (`stalled_since`, from the loop-lag watcher) is no evidence against
+  the engine: it counts towards no ejection, and its retry uses up no attempt (at most
+  `max_attempts` such retries more). A machine that freezes every process for seconds
+  at a time otherwise turned one freeze into a 503 for every request then in flight.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ class ReplicaPool:
         max_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
+        stalled_since: Callable[[float], bool] = lambda started: False,
     ) -> None:
         if not clients:
             raise ValueError("a replica pool needs at least one engine URL")
@@ -94,6 +100,11 @@ class ReplicaPool:
         self._model = self._configured_model = model
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = metrics
+        self._stalled_since = stalled_since
+
+    def _excused(self, exc: UpstreamError, started: float) -> bool:
+        """A failure a busy engine can cause too, while our own process stood still."""
+        return isinstance(exc, EngineFlaky) and self._stalled_since(started)
 
     # -- health --------------------------------------------------------------------
 
@@ -124,9 +135,12 @@ class ReplicaPool:
         await asyncio.gather(*(self._probe(r) for r in due))
 
     async def _probe(self, replica: Replica) -> None:
+        started = self._clock()
         try:
             await replica.client.health()
         except UpstreamError as exc:
+            if self._excused(exc, started):
+                return
             # Refused, or 503 from /health: down. A dropped or slow probe: maybe just busy.
             down = isinstance(exc, UpstreamUnavailable) and not isinstance(exc, EngineFlaky)
             self.failed(replica, exc, definitive=down)
@@ -189,24 +203,33 @@ class ReplicaPool:
         tried: set[int] = set()
         flaky: set[int] = set()  # tried, but failed the way a busy engine can fail too
         last: UpstreamError | None = None
-        for attempt in range(self.max_attempts):
+        attempts = excused = 0
+        while attempts < self.max_attempts:
             # An untried replica first; else one that only failed flakily deserves another
             # try on a fresh connection (with one replica, that is the only way to retry).
             replica = self._pick(tried) or self._pick(tried - flaky)
             if replica is None:
                 break
-            if attempt:
+            if attempts or excused:
                 if self.metrics is not None:
                     self.metrics.upstream_retries.inc()
-                await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2 ** (attempt - 1)))
+                await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2 ** max(attempts - 1, 0)))
             tried.add(replica.index)
             replica.in_flight += 1
+            started = self._clock()
             try:
                 try:
                     result = await op(replica.client)
                 except UpstreamUnavailable as exc:
-                    self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
                     last = exc
+                    if excused < self.max_attempts and self._excused(exc, started):
+                        excused += 1
+                        flaky.add(replica.index)
+                        log.debug("%s while the gateway itself stood still: retried, not held against %s",
+                                  exc, replica.url)
+                        continue
+                    attempts += 1
+                    self.failed(replica, exc, definitive=isinstance(exc, EngineUnreachable))
                     if isinstance(exc, EngineFlaky):
                         flaky.add(replica.index)
                     else:  # it answered 503 or refused: not worth another try
