@@ -136,8 +136,8 @@ def up(
         typer.Option(help="Model directory or hub id (e.g. Ostrakon/Ostrakon-VL-8B on a GPU box). "
                      "Default: the tiny random-weight dev model, built on first use."),
     ] = None,
-    host: Annotated[str, typer.Option(help="Gateway bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Gateway port.")] = 8080,
+    host: Annotated[Optional[str], typer.Option(help="Gateway bind address (default SCANNER_HOST or 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Gateway port (default SCANNER_PORT or 8080).")] = None,
     engine_port: Annotated[int, typer.Option(help="Port of the managed vLLM server.")] = DEFAULT_ENGINE_PORT,
     max_model_len: Annotated[Optional[int], typer.Option(help="vLLM --max-model-len.")] = None,
     engine_arg: Annotated[
@@ -149,7 +149,9 @@ def up(
     # SIGTERM must unwind through `with engine:` so the child is stopped, never orphaned
     # (uvicorn re-raises the signal it caught once it has shut down).
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    settings = Settings(host=host, port=port)
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = Settings(**overrides)
+    host, port = settings.host, settings.port
     opts = _engine_options(settings, model, "127.0.0.1", engine_port, max_model_len, engine_arg)
     model_path, served = opts.model, opts.served_model_name
     log_path = cache_dir() / "logs" / f"vllm-{engine_port}.log"
@@ -170,7 +172,7 @@ def up(
             f"[green]engine ready[/green]. Gateway: http://{host}:{port}  "
             f"(docs http://{host}:{port}/docs, tasks http://{host}:{port}/v1/tasks)"
         )
-        settings = Settings(host=host, port=port, upstream_url=opts.base_url, model=served)
+        settings = Settings(**overrides, upstream_url=opts.base_url, model=served)
         try:
             _run_gateway(settings)
         except KeyboardInterrupt:

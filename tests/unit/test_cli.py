@@ -1,6 +1,8 @@
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from scanner_gateway import cli
 from scanner_gateway.cli import app
 
 runner = CliRunner()
@@ -32,6 +34,40 @@ def test_engine_command_prints_the_flags_the_gateway_relies_on(tmp_path, monkeyp
     for flag in ("--scheduling-policy priority", "--generation-config vllm", '"backend":"guidance"',
                  "--limit-mm-per-prompt"):
         assert flag in cmd
+
+
+class EngineStandIn:
+    """Stands in for the managed vLLM child: `up` is only asked where the gateway listens."""
+
+    def __init__(self, opts, log_path) -> None:
+        self.opts = opts
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def wait_healthy(self, on_wait=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("env", "args", "where"), [
+    ({}, [], ("127.0.0.1", 8080)),
+    ({"SCANNER_HOST": "0.0.0.0", "SCANNER_PORT": "8090"}, [], ("0.0.0.0", 8090)),  # as `serve` reads them
+    ({"SCANNER_PORT": "8090"}, ["--port", "8091"], ("127.0.0.1", 8091)),  # the flag wins
+])
+def test_up_listens_where_the_environment_or_the_flags_say(tmp_path, monkeypatch, env, args, where):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = []
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(cli, "ManagedEngine", EngineStandIn)
+    monkeypatch.setattr(cli, "_run_gateway", lambda settings: started.append(settings))
+    result = runner.invoke(app, ["up", "--model", str(tmp_path), *args])
+    assert result.exit_code == 0, result.output
+    assert (started[0].host, started[0].port) == where
+    assert str(started[0].upstream_url).startswith("http://127.0.0.1:")
 
 
 def test_version():
