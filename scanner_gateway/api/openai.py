@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from scanner_gateway.admission import PRIORITY_HEADER, parse_priority
 from scanner_gateway.api.deps import (
@@ -23,6 +23,7 @@ from scanner_gateway.api.deps import (
     scoped_idempotency_key,
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
+from scanner_gateway.api.scan_streams import stream_scan
 from scanner_gateway.errors import NotFound
 from scanner_gateway.protocol import ModelCard, ModelList
 from scanner_gateway.scan import chat_adapter, responses_adapter
@@ -66,13 +67,11 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
         return PassthroughResponse(request.app.state.chat_relay, body, request.headers, CHAT_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
     key = scoped_idempotency_key(request)
-    result = await cancel_on_disconnect(request, chat_adapter.scan_as_chat(service, task, fields, priority, key))
+    scan = chat_adapter.scan_as_chat(service, task, fields, priority, key)
     if fields.get("stream"):
-        return StreamingResponse(
-            chat_adapter.chat_completion_chunks(result, chat_adapter.wants_usage_chunk(fields)),
-            media_type="text/event-stream",
-        )
-    return JSONResponse(chat_adapter.chat_completion(result))
+        chunks = chat_adapter.ChatChunkStream(task, include_usage=chat_adapter.wants_usage_chunk(fields))
+        return await stream_scan(request, scan, chunks)
+    return JSONResponse(chat_adapter.chat_completion(await cancel_on_disconnect(request, scan)))
 
 
 @router.post(RESPONSES_PATH, responses=_RELAY_ERRORS)
@@ -84,12 +83,10 @@ async def responses(request: Request, service: ScanServiceDep, settings: Setting
         return PassthroughResponse(request.app.state.chat_relay, body, request.headers, RESPONSES_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
     key = scoped_idempotency_key(request)
-    result = await cancel_on_disconnect(
-        request, responses_adapter.scan_as_response(service, task, fields, priority, key)
-    )
+    scan = responses_adapter.scan_as_response(service, task, fields, priority, key)
     if fields.get("stream"):
-        return StreamingResponse(responses_adapter.response_events(result), media_type="text/event-stream")
-    return JSONResponse(responses_adapter.response_object(result))
+        return await stream_scan(request, scan, responses_adapter.ResponseEventStream(task))
+    return JSONResponse(responses_adapter.response_object(await cancel_on_disconnect(request, scan)))
 
 
 def _scan_model_request(body: bytes) -> tuple[dict[str, Any], str | None]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from scanner_gateway.admission import PriorityClass
-from scanner_gateway.errors import InvalidRequest
+from scanner_gateway.errors import GatewayError, InvalidRequest
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.scan_models import (
+    SCAN_MODEL_PREFIX,
     result_json,
     run_scan_model,
     scan_envelope,
@@ -77,14 +79,37 @@ def wants_usage_chunk(request: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-async def chat_completion_chunks(result: ScanResult, include_usage: bool = False) -> AsyncIterator[bytes]:
-    """The whole answer as one SSE stream: role, content, finish, [usage,] [DONE]."""
-    base = {"id": f"chatcmpl-{result.id}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": scan_model_name(result)}
-    deltas = [({"role": "assistant", "content": ""}, None), ({"content": result_json(result)}, None), ({}, "stop")]
-    chunks = [{**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} for delta, finish in deltas]
-    if include_usage:
-        chunks.append({**base, "choices": [], "usage": result.usage.model_dump()})
-    for chunk in chunks:
-        yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+class ChatChunkStream:
+    """The chat.completion.chunk stream of one scan: the role chunk as soon as it opens
+    (before the scan has a result, so its id is its own), then the whole result JSON as
+    one content chunk, the finish chunk, [the usage chunk,] [DONE]; or an error event."""
+
+    def __init__(self, task: str, *, include_usage: bool = False) -> None:
+        self.base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": f"{SCAN_MODEL_PREFIX}{task}"}
+        self.include_usage = include_usage
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
+        return _sse_data({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    def opening(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def events(self, result: ScanResult) -> Iterator[bytes]:
+        yield self._chunk({"content": result_json(result)}, None)
+        yield self._chunk({}, "stop")
+        if self.include_usage:
+            yield _sse_data({**self.base, "choices": [], "usage": result.usage.model_dump()})
+        yield SSE_DONE
+
+    def failure(self, err: GatewayError) -> Iterator[bytes]:
+        # As vLLM and OpenAI end a stream that fails once it has begun; the SDKs raise it.
+        yield _sse_data(err.body().model_dump())
+        yield SSE_DONE
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
