@@ -44,7 +44,11 @@ async def stream_scan(
     stream: ScanEventStream,
 ) -> StreamingResponse:
     task = asyncio.ensure_future(cancel_on_disconnect(request, scan))
-    done, _ = await asyncio.wait({task}, timeout=FIRST_BYTE_WAIT_S)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=FIRST_BYTE_WAIT_S)
+    except asyncio.CancelledError:  # the request itself is cancelled (the server is stopping)
+        task.cancel()
+        raise
     if done:
         result = task.result()  # a failure raises here: the handler answers its status
         return _sse(_at_once(stream, result))
