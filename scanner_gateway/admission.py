@@ -156,7 +156,14 @@ class AdmissionController:
             handed_over = self._release()
             self._export(queue_changed=handed_over)
 
-    async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
+    def check(self, klass: PriorityClass, deadline: float | None = None) -> None:
+        """Raise the 429 that `slot` would raise now, without taking a place: for work a
+        request does before it asks for a slot (downloading its photos), so that an
+        overloaded gateway refuses before that work, not after it."""
+        if self.in_flight >= self.max_in_flight or self._queue:
+            self._refuse_if_full(klass, PRIORITY_CLASSES.index(klass), deadline)
+
+    def _refuse_if_full(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
         ahead = sum(1 for w in self._queue if w.rank <= rank)
         expected = self._expected_wait_s(ahead)
         may_wait = self.max_wait_s
@@ -170,6 +177,9 @@ class AdmissionController:
             raise self._refuse(klass, "no request has finished yet to time the queue by", expected)
         if expected > may_wait:
             raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
+
+    async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
+        self._refuse_if_full(klass, rank, deadline)
         waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, waiter)
         self._export(queue_changed=True)

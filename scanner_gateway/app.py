@@ -116,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
                 image_url_hosts,
                 max_bytes=settings.max_image_bytes,
                 timeout_s=settings.image_fetch_timeout_s,
+                max_active=settings.image_fetch_max_active,
             ) if image_client else None,
         )
         # Everything built so far lives as long as the process. Frozen, the collector stops

@@ -10,6 +10,7 @@ from pydantic import Field, HttpUrl
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
+from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
 from scanner_gateway.upstream.routing import PolicyName
 
 # Generation on a busy engine takes minutes; HTTP clients' defaults (5 s) are far too short.
@@ -108,6 +109,10 @@ class Settings(BaseSettings):
         "http(s) image URLs scans may name; empty = image URLs refused (the gateway fetches nothing)."
     )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Overall limit of one image URL fetch.")
+    image_fetch_max_active: int = Field(
+        DEFAULT_MAX_ACTIVE_FETCHES, ge=1,
+        description="Image URL downloads at once (each buffers up to max_image_bytes); more get 429.",
+    )
     image_workers: int = Field(2, ge=1, description="Threads that decode and resize images.")
     image_queue_limit: int = Field(
         64, ge=1, description="Images allowed to wait for a worker before answering 429."

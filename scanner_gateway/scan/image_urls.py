@@ -6,7 +6,9 @@ SSRF hole, so nothing is fetched unless `SCANNER_IMAGE_URL_HOSTS` lists the host
 (fnmatch patterns such as `*.s3.amazonaws.com`); redirects are followed only to allowed
 hosts, the body is capped at the image byte limit while it streams in, and each fetch
 has one overall timeout. Error messages name the host, never the URL: presigned URLs
-carry credentials.
+carry credentials. Photos are fetched before their scan asks for an engine slot (a slow
+host must not hold one), so the fetches are bounded on their own: at most `max_active`
+at once (each buffers up to the image byte limit); more get 429.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import TypeGuard
 
 import httpx
 
-from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest
+from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest, Overloaded
 
 MAX_REDIRECTS = 3
+DEFAULT_MAX_ACTIVE_FETCHES = 64
 URL_SCHEMES = ("http://", "https://")
 
 
@@ -30,12 +33,15 @@ def is_image_url(ref: object) -> TypeGuard[str]:
 
 class ImageFetcher:
     def __init__(
-        self, client: httpx.AsyncClient, allowed_hosts: Sequence[str], *, max_bytes: int, timeout_s: float
+        self, client: httpx.AsyncClient, allowed_hosts: Sequence[str], *, max_bytes: int, timeout_s: float,
+        max_active: int = DEFAULT_MAX_ACTIVE_FETCHES,
     ) -> None:
         self.client = client
         self.allowed_hosts = [h.lower() for h in allowed_hosts]
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.max_active = max_active
+        self.active = 0
 
     def _check(self, url: httpx.URL, param: str) -> None:
         host = url.host.lower()
@@ -47,11 +53,21 @@ class ImageFetcher:
             )
 
     async def fetch(self, ref: str, *, param: str = "image") -> bytes:
-        """The bytes behind an http(s) image URL. Raises 400/413 gateway errors only."""
+        """The bytes behind an http(s) image URL. Raises 4xx gateway errors only."""
         try:
             url = httpx.URL(ref)
         except (httpx.InvalidURL, TypeError) as exc:
             raise InvalidRequest(f"image URL is malformed: {exc}", param=param) from exc
+        if self.active >= self.max_active:
+            raise Overloaded(f"gateway overloaded ({self.active} image URL downloads running, its limit); "
+                             "retry in 1 s", param=param)
+        self.active += 1
+        try:
+            return await self._fetch(url, param)
+        finally:
+            self.active -= 1
+
+    async def _fetch(self, url: httpx.URL, param: str) -> bytes:
         try:
             async with asyncio.timeout(self.timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -21,6 +21,8 @@ from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
 from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
 from scanner_gateway.upstream.pool import ReplicaPool
+
+T = TypeVar("T")
 
 # A truncated or invalid answer is retried once with this much more room.
 RETRY_TOKEN_FACTOR = 2
@@ -85,7 +87,12 @@ class ScanService:
         # None: image URLs are refused (SCANNER_IMAGE_URL_HOSTS unset).
         self.image_fetcher = image_fetcher
 
-    async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
+    async def _downloaded(
+        self, task: Task, images: Sequence[bytes | str], priority: PriorityClass, deadline: float
+    ) -> Sequence[bytes | str]:
+        """The photos, image URLs fetched. Before the scan asks for its slot, so that a
+        slow image host holds no slot the engine could use; an overloaded gateway still
+        refuses before downloading anything."""
         if not images:
             raise InvalidRequest("at least one image is required", param="image")
         if len(images) > task.spec.max_images:
@@ -93,22 +100,21 @@ class ScanService:
                 f"task {task.name!r} takes at most {task.spec.max_images} image(s); got {len(images)}",
                 param="image",
             )
-        results = await asyncio.gather(
-            *(
-                self._normalize(data, task, param=f"image[{i}]" if len(images) > 1 else "image")
-                for i, data in enumerate(images)
-            ),
-            return_exceptions=True,
-        )
-        for outcome in results:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return results  # type: ignore[return-value]
+        fetcher = self.image_fetcher
+        if fetcher is None or not any(is_image_url(data) for data in images):
+            return images
+        self.admission.check(priority, deadline)
 
-    async def _normalize(self, data: bytes | str, task: Task, *, param: str) -> NormalizedImage:
-        if self.image_fetcher is not None and is_image_url(data):
-            data = await self.image_fetcher.fetch(data, param=param)
-        return await self.normalizer.normalize(data, task.budget, param=param)
+        async def fetched(data: bytes | str, param: str) -> bytes | str:
+            return await fetcher.fetch(data, param=param) if is_image_url(data) else data
+
+        return await _all_or_first_error(fetched(data, _image_param(i, images)) for i, data in enumerate(images))
+
+    async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
+        return await _all_or_first_error(
+            self.normalizer.normalize(data, task.budget, param=_image_param(i, images))
+            for i, data in enumerate(images)
+        )
 
     async def _answer(
         self, task: Task, model: str, images: Sequence[NormalizedImage], locale: Locale, priority: int | None
@@ -174,6 +180,7 @@ class ScanService:
     ) -> ScanResult:
         deadline = time.monotonic() + self.request_timeout_s
         try:
+            images = await self._downloaded(task, images, priority, deadline)
             async with self.admission.slot(priority, deadline):
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -237,6 +244,19 @@ class ScanService:
             ),
             warnings=warnings,
         )
+
+
+def _image_param(index: int, images: Sequence[bytes | str]) -> str:
+    return f"image[{index}]" if len(images) > 1 else "image"
+
+
+async def _all_or_first_error(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, or the first error once all have ended (none is left running)."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return results  # type: ignore[return-value]
 
 
 def _add_usage(total: ScanUsage, completion: ChatCompletion) -> None:

@@ -4,26 +4,47 @@ capped, fetch failures a clear 4xx. The image host is a real HTTP server on a so
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import threading
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
+from scanner_gateway.scan.schema import sample_instance
 from tests.api.test_scan_api import assert_error
+from tests.fake_engine import completion
 from tests.helpers import serve_in_thread, shelf_jpeg
 
 PHOTO = shelf_jpeg(800, 600)
 LIMIT = 2 * 1024 * 1024  # the api tests' max_image_bytes
 
 
+SLOW_HOST_S = 1.5
+host_hits: list[str] = []  # paths the image host was asked for
+
+
 def image_host() -> FastAPI:
     app = FastAPI()
 
+    @app.middleware("http")
+    async def count(request, call_next):
+        host_hits.append(request.url.path)
+        return await call_next(request)
+
     @app.get("/photo.jpg")
     async def photo() -> Response:
+        return Response(PHOTO, media_type="image/jpeg")
+
+    @app.get("/slowish.jpg")
+    async def slowish() -> Response:
+        await asyncio.sleep(SLOW_HOST_S)
         return Response(PHOTO, media_type="image/jpeg")
 
     @app.get("/hop/{n}")
@@ -100,3 +121,67 @@ def test_urls_are_refused_by_default_and_off_the_list(client, url_client, fake_e
                          400, "invalid_request")
     assert "'bucket.internal'" in error["message"] and "s3cr3t" not in error["message"]
     assert fake_engine.payloads == []
+
+
+def scan_in_background(url: str, image: str | bytes, done: dict[str, float], name: str) -> threading.Thread:
+    def run() -> None:
+        if isinstance(image, bytes):
+            r = httpx.post(f"{url}/v1/scan", files={"image": ("a.jpg", image)}, data={"task": "price_tags"},
+                           timeout=30)
+        else:
+            r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [image]}, timeout=30)
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_slow_image_host_holds_no_engine_slot(settings, host_url):
+    # One engine slot: a photo still downloading must not keep the next scan waiting for it.
+    update = {"image_url_hosts": "127.0.0.1", "max_in_flight_per_replica": 1}
+    done: dict[str, float] = {}
+    with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
+        slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
+        deadline = time.monotonic() + 10
+        while "/slowish.jpg" not in host_hits:  # the download has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        uploaded = scan_in_background(url, PHOTO, done, "bytes")
+        uploaded.join(timeout=30)
+        slow.join(timeout=30)
+    assert done["bytes"] < done["url"]
+
+
+def test_an_overloaded_gateway_refuses_before_downloading(settings, host_url, fake_engine):
+    fake_engine.answer = lambda payload: dataclasses.replace(
+        completion(json.dumps(sample_instance(payload["response_format"]["json_schema"]["schema"]))), delay_s=1.0)
+    update = {"image_url_hosts": "127.0.0.1", "max_in_flight_per_replica": 1, "queue_limit": 0}
+    done: dict[str, float] = {}
+    with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
+        busy = scan_in_background(url, PHOTO, done, "bytes")
+        deadline = time.monotonic() + 10
+        while not fake_engine.payloads:  # the one slot is taken
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        hits = len(host_hits)
+        r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [f"{host_url}/photo.jpg"]})
+        busy.join(timeout=30)
+    assert_error(r, 429, "overloaded")
+    assert len(host_hits) == hits  # nothing was downloaded for a request refused anyway
+
+
+def test_downloads_beyond_their_limit_get_429(settings, host_url):
+    update = {"image_url_hosts": "127.0.0.1", "image_fetch_max_active": 1}
+    done: dict[str, float] = {}
+    with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
+        slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
+        deadline = time.monotonic() + 10
+        while host_hits.count("/slowish.jpg") < 2:  # this test's download has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [f"{host_url}/photo.jpg"]})
+        slow.join(timeout=30)
+    error = assert_error(r, 429, "overloaded")
+    assert "image URL downloads" in error["message"] and r.headers["retry-after"] == "1"

@@ -139,3 +139,17 @@ def test_the_first_finished_requests_replace_the_initial_guess():
     assert gate.avg_hold_s == pytest.approx(10.0)  # not 1.0 + 10% of the way
     run(hold(20.0))
     assert gate.avg_hold_s == pytest.approx(15.0)  # the mean of the first ones
+
+
+def test_check_refuses_as_slot_would_without_taking_a_place():
+    async def main():
+        gate = AdmissionController(1, 0, max_wait_s=60)  # one slot, no queue
+        gate.check("interactive")  # a free slot: nothing to refuse
+        async with gate.slot("interactive"):
+            with pytest.raises(Overloaded):
+                gate.check("batch")
+            assert gate.queued() == 0 and gate.in_flight == 1
+        gate.check("batch")
+        assert gate.stats.rejected["batch"] == 1 and gate.in_flight == 0
+
+    run(main())
