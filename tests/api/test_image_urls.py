@@ -8,7 +8,7 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -138,16 +138,21 @@ def scan_in_background(url: str, image: str | bytes, done: dict[str, float], nam
     return thread
 
 
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "waited 10 s"
+        time.sleep(0.01)
+
+
 def test_a_slow_image_host_holds_no_engine_slot(settings, host_url):
     # One engine slot: a photo still downloading must not keep the next scan waiting for it.
     update = {"image_url_hosts": "127.0.0.1", "max_in_flight_per_replica": 1}
     done: dict[str, float] = {}
+    slow_hits = host_hits.count("/slowish.jpg")
     with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
         slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
-        deadline = time.monotonic() + 10
-        while "/slowish.jpg" not in host_hits:  # the download has begun
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: host_hits.count("/slowish.jpg") > slow_hits)  # the download has begun
         uploaded = scan_in_background(url, PHOTO, done, "bytes")
         uploaded.join(timeout=30)
         slow.join(timeout=30)
@@ -161,10 +166,7 @@ def test_an_overloaded_gateway_refuses_before_downloading(settings, host_url, fa
     done: dict[str, float] = {}
     with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
         busy = scan_in_background(url, PHOTO, done, "bytes")
-        deadline = time.monotonic() + 10
-        while not fake_engine.payloads:  # the one slot is taken
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: bool(fake_engine.payloads))  # the one slot is taken
         hits = len(host_hits)
         r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [f"{host_url}/photo.jpg"]})
         busy.join(timeout=30)
@@ -175,12 +177,10 @@ def test_an_overloaded_gateway_refuses_before_downloading(settings, host_url, fa
 def test_downloads_beyond_their_limit_get_429(settings, host_url):
     update = {"image_url_hosts": "127.0.0.1", "image_fetch_max_active": 1}
     done: dict[str, float] = {}
+    slow_hits = host_hits.count("/slowish.jpg")
     with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
         slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
-        deadline = time.monotonic() + 10
-        while host_hits.count("/slowish.jpg") < 2:  # this test's download has begun
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: host_hits.count("/slowish.jpg") > slow_hits)  # the one download runs
         r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [f"{host_url}/photo.jpg"]})
         slow.join(timeout=30)
     error = assert_error(r, 429, "overloaded")
