@@ -90,9 +90,9 @@ class ScanService:
     async def _downloaded(
         self, task: Task, images: Sequence[bytes | str], priority: PriorityClass, deadline: float
     ) -> Sequence[bytes | str]:
-        """The photos, image URLs fetched. Before the scan asks for its slot, so that a
-        slow image host holds no slot the engine could use; an overloaded gateway still
-        refuses before downloading anything."""
+        """The photos (their number checked), image URLs fetched. Before the scan asks
+        for its slot, so that a slow image host holds no slot the engine could use; an
+        overloaded gateway still refuses before downloading anything."""
         if not images:
             raise InvalidRequest("at least one image is required", param="image")
         if len(images) > task.spec.max_images:

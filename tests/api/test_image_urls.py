@@ -145,14 +145,20 @@ def wait_until(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
+def start_slow_download(url: str, host_url: str, done: dict[str, float]) -> threading.Thread:
+    """A scan of a photo on the slow image host, returned once its download has begun."""
+    hits = host_hits.count("/slowish.jpg")
+    thread = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
+    wait_until(lambda: host_hits.count("/slowish.jpg") > hits)
+    return thread
+
+
 def test_a_slow_image_host_holds_no_engine_slot(settings, host_url):
     # One engine slot: a photo still downloading must not keep the next scan waiting for it.
     update = {"image_url_hosts": "127.0.0.1", "max_in_flight_per_replica": 1}
     done: dict[str, float] = {}
-    slow_hits = host_hits.count("/slowish.jpg")
     with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
-        slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
-        wait_until(lambda: host_hits.count("/slowish.jpg") > slow_hits)  # the download has begun
+        slow = start_slow_download(url, host_url, done)
         uploaded = scan_in_background(url, PHOTO, done, "bytes")
         uploaded.join(timeout=30)
         slow.join(timeout=30)
@@ -177,10 +183,8 @@ def test_an_overloaded_gateway_refuses_before_downloading(settings, host_url, fa
 def test_downloads_beyond_their_limit_get_429(settings, host_url):
     update = {"image_url_hosts": "127.0.0.1", "image_fetch_max_active": 1}
     done: dict[str, float] = {}
-    slow_hits = host_hits.count("/slowish.jpg")
     with serve_in_thread(create_app(settings.model_copy(update=update))) as url:
-        slow = scan_in_background(url, f"{host_url}/slowish.jpg", done, "url")
-        wait_until(lambda: host_hits.count("/slowish.jpg") > slow_hits)  # the one download runs
+        slow = start_slow_download(url, host_url, done)  # the one download allowed
         r = httpx.post(f"{url}/v1/scan", json={"task": "price_tags", "images": [f"{host_url}/photo.jpg"]})
         slow.join(timeout=30)
     error = assert_error(r, 429, "overloaded")
