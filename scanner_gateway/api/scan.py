@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Header, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.datastructures import ImmutableMultiDict, UploadFile
 
 from scanner_gateway.admission import PRIORITY_CLASSES, PriorityClass, parse_priority
@@ -49,13 +49,30 @@ class ScanForm:
     priority: str | None
 
 
+def image_ref_of(item: Any) -> Any:
+    """The URL of a photo given as an object: `{"url": ...}` or an OpenAI content part
+    (`{"type": "image_url", "image_url": {"url": ...}}`, `{"type": "input_image",
+    "image_url": ...}`), so parts copied from a chat request work here too."""
+    if not isinstance(item, dict):
+        return item
+    ref = item.get("image_url", item)
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ValueError('an image given as an object needs a "url" (or "image_url") string')
+    return url
+
+
+ImageRef = Annotated[str, BeforeValidator(image_ref_of)]
+
+
 class ScanJSONRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(description="Task name, see GET /v1/tasks.")
-    images: list[str] = Field(
+    images: list[ImageRef] = Field(
         min_length=1,
         max_length=MAX_FORM_FILES,
-        description="Data URLs or bare base64 strings; http(s) URLs only from hosts the "
+        description="Data URLs or bare base64 strings (or objects holding one: "
+        '`{"url": ...}` or an OpenAI `image_url` part); http(s) URLs only from hosts the '
         "operator allows (SCANNER_IMAGE_URL_HOSTS).",
     )
     locale: Locale | None = None

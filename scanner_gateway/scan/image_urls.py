@@ -28,7 +28,7 @@ URL_SCHEMES = ("http://", "https://")
 
 
 def is_image_url(ref: object) -> TypeGuard[str]:
-    return isinstance(ref, str) and ref.startswith(URL_SCHEMES)
+    return isinstance(ref, str) and ref[:8].lower().startswith(URL_SCHEMES)
 
 
 class ImageFetcher:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import math
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,18 +105,28 @@ def sniff_format(data: bytes) -> str | None:
 
 
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
 def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes:
     """Bytes of a data URL (`data:image/...;base64,...`) or bare base64 string."""
-    if ref.startswith(("http://", "https://")):
+    scheme = _URL_SCHEME.match(ref)
+    scheme_name = scheme.group(1).lower() if scheme else None
+    if scheme_name in ("http", "https"):
         raise InvalidRequest(
             "image URLs are not fetched by this gateway (its operator can allow hosts with "
             "SCANNER_IMAGE_URL_HOSTS); send the bytes as a data URL or base64",
             param=param,
         )
+    if scheme_name not in (None, "data"):
+        # Base64 has no ':', so this is a URL (file:, ftp:, blob:, content:...), not a garbled photo.
+        raise InvalidRequest(
+            f"'{scheme_name}:' URLs are not supported; send the bytes as a data URL or base64 "
+            "(or an http(s) URL, where the operator allows its host)",
+            param=param,
+        )
     payload = ref
-    if ref.startswith("data:"):
+    if scheme_name == "data":
         header, sep, payload = ref.partition(",")
         if not sep or not header.endswith(";base64"):
             raise InvalidImage("data URL must be base64-encoded (data:<type>;base64,...)", param=param)

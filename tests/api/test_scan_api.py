@@ -71,6 +71,22 @@ def test_json_body_with_data_url_and_bare_base64(client):
     assert "fullness_pct" in r.json()["result"]
 
 
+def test_json_images_as_objects_copied_from_openai_parts(client, fake_engine):
+    url = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
+    images = [{"url": url}, {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+              {"type": "input_image", "image_url": url}]
+    r = client.post("/v1/scan", json={"task": "shelf_audit", "images": images})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 3
+    sent = [p for p in fake_engine.payloads[-1]["messages"][1]["content"] if p["type"] == "image_url"]
+    assert len(sent) == 3
+
+    r = client.post("/v1/scan", json={"task": "shelf_audit", "images": [{"data": url}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "images.0"
+    assert '"url"' in r.json()["error"]["message"]
+
+
 def test_json_body_saved_by_a_windows_tool_with_a_bom(client):
     body = json.dumps({"task": "price_tags", "images": [base64.b64encode(PHOTO).decode()]}).encode()
     r = client.post("/v1/scan", content=codecs.BOM_UTF8 + body, headers={"content-type": "application/json"})

@@ -162,6 +162,14 @@ def test_base64_inputs():
         decode_image_ref(b64, max_bytes=100)
 
 
+@pytest.mark.parametrize("ref", ["file:///etc/passwd", "ftp://host/shelf.jpg", "blob:https://app/1", "HTTPS://x/a.jpg"])
+def test_urls_of_other_schemes_are_named_not_read_as_base64(ref):
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image_ref(ref, max_bytes=10**7)
+    assert "base64" not in str(caught.value).split(";")[0]
+    assert ref.split(":")[0].lower() in str(caught.value) or "not fetched" in str(caught.value)
+
+
 def test_normalizer_queue_is_bounded_and_answers_429():
     import asyncio
 
