@@ -29,12 +29,22 @@ _ROW_END = {True: b"\r\n", False: b"\n"}
 
 
 def find_images(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """(images, missing): files as given, folders searched recursively for photos."""
+    """(images, missing): files as given, folders searched recursively for photos.
+
+    Hidden files and folders inside a folder are left out: a Mac writes a `._IMG_0001.jpg`
+    resource-fork stub beside every photo it copies to a USB stick, and camera apps keep
+    `.thumbnails/`; scanning those would only add failures (or thumbnails) to the audit."""
     found: list[Path] = []
     missing: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.is_file()
+            )
         elif path.is_file():
             found.append(path)
         else:

@@ -81,6 +81,9 @@ def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
     (photos / "aisle-2" / "IMG_0001.HEIC").write_bytes(encode(shelf_photo(320, 240, seed=4), "HEIF"))  # an iPhone's
     (photos / "aisle-2" / "broken.jpg").write_bytes(shelf_jpeg(320, 240)[:3000])  # cut off mid-upload
     (photos / "notes.txt").write_text("not a photo")
+    (photos / "._shelf-0.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a Mac's resource-fork stub
+    (photos / ".thumbnails").mkdir()
+    (photos / ".thumbnails" / "shelf-0.jpg").write_bytes(shelf_jpeg(64, 48))
     out = tmp_path / "audit.jsonl"
 
     first = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out), "--concurrency", "3"])
