@@ -27,6 +27,7 @@ from scanner_gateway.errors import (
     invalid_request_from,
 )
 from scanner_gateway.scan.results import ScanResult
+from scanner_gateway.scan.scan_models import image_part_url
 from scanner_gateway.scan.tasks import Locale, parse_locale
 
 router = APIRouter(tags=["scan"])
@@ -55,8 +56,7 @@ def image_ref_of(item: Any) -> Any:
     "image_url": ...}`), so parts copied from a chat request work here too."""
     if not isinstance(item, dict):
         return item
-    ref = item.get("image_url", item)
-    url = ref.get("url") if isinstance(ref, dict) else ref
+    url = image_part_url(item) if "image_url" in item else item.get("url")
     if not isinstance(url, str):
         raise ValueError('an image given as an object needs a "url" (or "image_url") string')
     return url

@@ -18,6 +18,7 @@ from scanner_gateway.errors import GatewayError, InvalidRequest
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.scan_models import (
     SCAN_MODEL_PREFIX,
+    image_part_url,
     result_json,
     run_scan_model,
     scan_envelope,
@@ -33,8 +34,7 @@ def images_from_messages(messages: Any) -> list[str]:
         raise InvalidRequest("messages must be a list", param="messages")
     images: list[str] = []
     for part in user_parts(messages, "image_url"):
-        ref = part.get("image_url")
-        url = ref.get("url") if isinstance(ref, dict) else ref
+        url = image_part_url(part)
         if not isinstance(url, str) or not url:
             raise InvalidRequest("image_url parts need a url", param="messages")
         images.append(url)

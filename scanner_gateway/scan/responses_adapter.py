@@ -20,6 +20,7 @@ from scanner_gateway.errors import GatewayError, InvalidRequest
 from scanner_gateway.scan.results import ScanResult
 from scanner_gateway.scan.scan_models import (
     SCAN_MODEL_PREFIX,
+    image_part_url,
     result_json,
     run_scan_model,
     scan_envelope,
@@ -37,8 +38,7 @@ def images_from_input(value: Any) -> list[str]:
         raise InvalidRequest("input must be a string or a list of input items", param="input")
     images: list[str] = []
     for part in user_parts(value, "input_image"):
-        ref = part.get("image_url")
-        url = ref.get("url") if isinstance(ref, dict) else ref  # chat's {"url": ...} shape, leniently
+        url = image_part_url(part)
         if not isinstance(url, str) or not url:
             raise InvalidRequest(
                 "input_image parts need an image_url (a data URL or base64; file_id is not supported)",

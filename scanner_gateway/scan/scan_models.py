@@ -36,6 +36,13 @@ def scan_envelope(result: ScanResult) -> dict[str, Any]:
     return result.model_dump(mode="json", exclude={"result"})
 
 
+def image_part_url(part: dict[str, Any]) -> Any:
+    """The URL of an image part, whichever API's shape: `image_url` is `{"url": ...}` in
+    Chat Completions and a string in the Responses API; either is taken."""
+    ref = part.get("image_url")
+    return ref.get("url") if isinstance(ref, dict) else ref
+
+
 def user_parts(items: list[Any], part_type: str) -> Iterator[dict[str, Any]]:
     """The `part_type` parts of every user message's content list, in order (chat
     messages and Responses input items share this shape)."""
