@@ -14,11 +14,12 @@ from fastapi import FastAPI, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import openai, ops, scan, web
-from scanner_gateway.api.auth import ApiKeyAuth
+from scanner_gateway.api.auth import DOCS_ASSETS_PATH, ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
@@ -142,7 +143,10 @@ def create_app(settings: Settings) -> FastAPI:
             if image_client is not None:
                 await image_client.aclose()
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN; offline (a store,
+    # a closed network) they would be blank pages. These ship the files in the package.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_PATH,
         title="Scanner gateway",
         version=__version__,
         description="Retail-vision scans (shelves, price tags, storefronts, kitchens) on vLLM.",

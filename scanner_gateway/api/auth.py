@@ -18,7 +18,8 @@ from scanner_gateway.errors import Unauthorized, error_response
 # (no secrets there; scrapers rarely hold keys; the page and the docs' "Authorize"
 # button ask for a key before calling the API, and a browser cannot send one to load them).
 OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-OPEN_PREFIXES = ("/ui/",)
+DOCS_ASSETS_PATH = "/docs-assets"
+OPEN_PREFIXES = ("/ui/", DOCS_ASSETS_PATH + "/")
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:

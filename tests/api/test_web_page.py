@@ -142,3 +142,34 @@ def test_phone_width_and_keyboard(page):
     assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "task"  # the form starts the tab order
+
+
+def test_api_docs_render_with_no_internet_and_keys_on(settings):
+    """/docs and /redoc in a browser that may reach nothing but the gateway (a store's
+    closed network): both must render from files the gateway serves itself."""
+    from playwright.sync_api import sync_playwright
+
+    keyed = settings.model_copy(update={"api_keys": "store-key"})
+    with serve_in_thread(create_app(keyed)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        elsewhere: list[tuple[str, str]] = []
+        failed: list[str] = []
+
+        def only_the_gateway(route):
+            if route.request.url.startswith(url):
+                route.continue_()
+            else:
+                elsewhere.append((route.request.resource_type, route.request.url))
+                route.abort()
+
+        page.route("**/*", only_the_gateway)
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.goto(url + "/docs")
+        page.wait_for_selector(".opblock-summary-path[data-path='/v1/scan']", timeout=15_000)
+        page.goto(url + "/redoc")
+        page.wait_for_function("document.body.innerText.includes('/v1/scan')", timeout=15_000)
+        browser.close()
+    assert failed == []
+    # Nothing the pages need comes from outside; ReDoc's own "by Redocly" badge image does.
+    assert [what for what, _ in elsewhere] in ([], ["image"]), elsewhere
