@@ -323,6 +323,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":  # Starlette's routing miss
             path = request.url.path[:200]
             message = f"{request.method} {path} is not served here; the routes are listed at /docs"
+        elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            message = f"{request.method} is not allowed on {request.url.path[:200]}; use {exc.headers['Allow']}"
         # its headers too (Allow on a 405)
         return error_response(client_error_for_status(exc.status_code, message, dict(exc.headers or {})))
 

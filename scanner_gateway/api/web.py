@@ -13,5 +13,6 @@ router = APIRouter(tags=["web"])
 
 
 @router.get("/", include_in_schema=False)
+@router.head("/", include_in_schema=False)  # uptime monitors check the home page with HEAD
 async def index() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html")

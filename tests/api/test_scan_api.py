@@ -290,8 +290,11 @@ def test_routing_errors_use_the_same_shape(client):
     error = assert_error(client.post("/v1/embeddings", json={}), 404, "not_found")
     assert "POST /v1/embeddings" in error["message"] and "/docs" in error["message"]
     r = client.delete("/v1/scan")
-    assert_error(r, 405, "method_not_allowed")
+    error = assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods that work
+    assert error["message"] == "DELETE is not allowed on /v1/scan; use POST"
+    # Uptime monitors probe with HEAD: the page and the probes answer it.
+    assert [client.head(path).status_code for path in ("/", "/health", "/ready")] == [200, 200, 200]
 
 
 def test_tasks_listing(client):
