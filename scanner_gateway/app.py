@@ -23,6 +23,7 @@ from scanner_gateway.api.auth import DOCS_ASSETS_PATH, ApiKeyAuth
 from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.config import Settings
+from scanner_gateway.drain import drain_on_sigterm
 from scanner_gateway.errors import install_error_handlers
 from scanner_gateway.loop_lag import LoopStalls, watch_loop_lag
 from scanner_gateway.metrics import GatewayMetrics
@@ -131,7 +132,8 @@ def create_app(settings: Settings) -> FastAPI:
 
         lag_watch = asyncio.create_task(watch_loop_lag(observe_lag), name="loop-lag")
         try:
-            yield
+            with drain_on_sigterm(app.state, settings.drain_s):
+                yield
         finally:
             lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,10 +1,8 @@
-"""Run the gateway under uvicorn, with a drain period on SIGTERM.
+"""Run the gateway under uvicorn: one process, or N workers under uvicorn's supervisor.
 
-On SIGTERM (an orchestrator stopping the pod) the gateway first reports not-ready on
-/ready for `drain_s` while still serving, so load balancers stop sending it traffic;
-then uvicorn stops accepting, finishes in-flight requests (up to
-`graceful_timeout_s`) and exits. SIGINT (Ctrl-C at a terminal) skips the drain period,
-and a second signal stops at once.
+Either way each serving process drains on SIGTERM (`drain.py`, from the app's lifespan),
+then uvicorn stops accepting, finishes in-flight requests (up to `graceful_timeout_s`)
+and exits. SIGINT (Ctrl-C at a terminal) skips the drain period.
 """
 
 from __future__ import annotations
@@ -13,39 +11,14 @@ import logging
 import logging.config
 import os
 import shutil
-import signal
 import tempfile
-import time
-from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 
 from scanner_gateway.config import Settings
 from scanner_gateway.logs import logging_config
 
 log = logging.getLogger(__name__)
-
-
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
-        super().__init__(config)
-        self.app = app
-        self.drain_s = drain_s
-        self.drain_until: float | None = None
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.drain_s > 0 and self.drain_until is None:
-            self.drain_until = time.monotonic() + self.drain_s
-            self.app.state.draining = True
-            return
-        super().handle_exit(sig, frame)
-
-    async def on_tick(self, counter: int) -> bool:
-        if self.drain_until is not None and time.monotonic() >= self.drain_until:
-            self._captured_signals.append(signal.SIGTERM)  # exit as if uvicorn had caught it
-            return True
-        return await super().on_tick(counter)
 
 
 def run_gateway(settings: Settings, workers: int = 1) -> None:
@@ -60,11 +33,11 @@ def run_gateway(settings: Settings, workers: int = 1) -> None:
         from scanner_gateway.app import create_app
 
         app = create_app(settings)
-        DrainingServer(uvicorn.Config(app, **common), app, settings.drain_s).run()
+        uvicorn.Server(uvicorn.Config(app, **common)).run()
         return
     # Worker processes build their own app from the environment: hand them our settings,
     # and a directory where each writes its metrics for /metrics to merge. (uvicorn's
-    # supervisor forwards SIGTERM to the workers at once: no drain period here.)
+    # supervisor forwards SIGTERM to the workers at once; each drains, see drain.py.)
     share = settings.for_one_of(workers)
     logging.config.dictConfig(common["log_config"])  # this supervisor logs before uvicorn does
     log.info(

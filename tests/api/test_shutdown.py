@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,13 +21,15 @@ from tests.helpers import free_port
 
 
 @contextmanager
-def gateway_process(engine_url: str, **env: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+def gateway_process(engine_url: str, workers: int = 1, **env: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
     """`scanner-gateway serve` in its own process, ready; yields it, its URL and (after
     the block) its output."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url, "--port", str(port)],
+        [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url, "--port", str(port),
+         "--workers", str(workers)],
         env={**os.environ, "SCANNER_MODEL": "m", **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its workers too can be killed as one group
     )
     base = f"http://127.0.0.1:{port}"
     output: list[str] = []
@@ -42,8 +45,8 @@ def gateway_process(engine_url: str, **env: str) -> Iterator[tuple[subprocess.Po
             time.sleep(0.1)
         yield proc, base, output
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind would hold stdout open
         output.append(proc.stdout.read().decode() if proc.stdout else "")
 
 
@@ -65,16 +68,24 @@ def slow_answer(seconds: float):
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_sigterm_drains_then_finishes_in_flight_work(fake_engine):
+@pytest.mark.parametrize("workers", [1, 2])  # the Kubernetes Deployment runs --workers 2
+def test_sigterm_drains_then_finishes_in_flight_work(fake_engine, workers):
     fake_engine.answer = slow_answer(2.5)
-    with gateway_process(fake_engine.url, SCANNER_DRAIN_S="1.0") as (proc, base, output):
+    with gateway_process(fake_engine.url, workers, SCANNER_DRAIN_S="2.0") as (proc, base, output):
         slow_request, results = in_background(lambda: httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=30))
         time.sleep(0.3)  # it is in flight
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        ready = httpx.get(f"{base}/ready")
-        assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
-        assert httpx.get(f"{base}/health").status_code == 200  # alive, still serving
+        # uvicorn's supervisor passes SIGTERM on to its workers on its next tick (0.5 s).
+        deadline = time.monotonic() + 1.0
+        while httpx.get(f"{base}/ready", headers={"connection": "close"}).status_code == 200:
+            assert time.monotonic() < deadline, "still ready after SIGTERM"
+            time.sleep(0.05)
+        # Every worker says so (new connections land on either), and all keep serving.
+        with httpx.Client() as fresh:
+            for _ in range(4):
+                ready = fresh.get(f"{base}/ready", headers={"connection": "close"})
+                assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
+                assert fresh.get(f"{base}/health", headers={"connection": "close"}).status_code == 200
         slow_request.join(30)
         assert results["response"].status_code == 200
         assert results["response"].json()["choices"][0]["message"]["content"] == "done"
