@@ -105,7 +105,7 @@ def sniff_format(data: bytes) -> str | None:
 
 
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
-_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")  # bounded: base64 bodies are megabytes
 
 
 def decode_image_ref(ref: str, *, max_bytes: int, param: str = "image") -> bytes:
