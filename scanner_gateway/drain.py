@@ -40,8 +40,12 @@ def drain_on_sigterm(state: Any, drain_s: float) -> Iterator[None]:
             stop(sig, frame)  # a second SIGTERM: no more waiting
             return
         state.draining = True
-        log.info("SIGTERM: reporting not-ready for %.1f s while serving, then shutting down", drain_s)
-        loop.call_soon_threadsafe(loop.call_later, drain_s, stop, sig, None)
+
+        def begin() -> None:  # on the loop: no logging from inside a signal handler
+            log.info("SIGTERM: reporting not-ready for %.1f s while serving, then shutting down", drain_s)
+            loop.call_later(drain_s, stop, sig, None)
+
+        loop.call_soon_threadsafe(begin)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
