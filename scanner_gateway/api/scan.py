@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import sys
 from collections.abc import Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from starlette.datastructures import ImmutableMultiDict, UploadFile
+from starlette.datastructures import FormData, ImmutableMultiDict, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from scanner_gateway.admission import PRIORITY_CLASSES, PriorityClass, parse_priority
 from scanner_gateway.api.deps import (
@@ -79,6 +82,26 @@ class ScanJSONRequest(BaseModel):
     priority: PriorityClass | None = Field(default=None, description=PRIORITY_FIELD_HELP)
 
 
+class InMemoryMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser with the photos kept in memory. Starlette spools a file
+    part over 1 MiB to a temporary file, chunk by chunk through the thread pool: 3.6 ms of
+    CPU per 1.4 MB phone photo against 0.57 ms in memory, five times fewer uploads a second
+    per worker. What one request and all of them together may hold is capped already
+    (api/limits.py BodySizeLimit), so the disk bought nothing."""
+
+    spool_max_size = sys.maxsize
+
+
+async def _read_form(request: Request) -> FormData:
+    try:
+        async with aclosing(request.stream()) as stream:
+            parser = InMemoryMultiPartParser(request.headers, stream, max_files=MAX_FORM_FILES,
+                                             max_fields=MAX_FORM_FILES)
+            return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
+
+
 def _refuse_repeats(fields: ImmutableMultiDict, names: Sequence[str], kind: str) -> None:
     """A single-valued field given twice is ambiguous: say so rather than pick one."""
     for name in names:
@@ -87,7 +110,14 @@ def _refuse_repeats(fields: ImmutableMultiDict, names: Sequence[str], kind: str)
 
 
 async def _from_form(request: Request, max_image_bytes: int) -> ScanForm:
-    form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FILES)
+    form = await _read_form(request)
+    try:
+        return await _scan_form(form, max_image_bytes)
+    finally:
+        await form.close()
+
+
+async def _scan_form(form: FormData, max_image_bytes: int) -> ScanForm:
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
     if unknown:
         raise InvalidRequest(
@@ -199,6 +229,8 @@ async def scan(
     """Scan one or more photos with a retail task; returns the typed result."""
     priority = parse_priority(x_priority, settings.scan_priority)
     key = scoped_idempotency_key(request)  # checked before the body is read
+    if key is None:  # a repeat with a key may be answered from the cache, overloaded or not
+        service.refuse_early_if_overloaded()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await _from_form(request, service.normalizer.max_bytes)

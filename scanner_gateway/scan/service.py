@@ -10,8 +10,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from scanner_gateway.admission import AdmissionController, PriorityClass
-from scanner_gateway.errors import GatewayError, InvalidRequest, ModelOutputInvalid, UpstreamTimeout
+from scanner_gateway.admission import PRIORITY_CLASSES, AdmissionController, PriorityClass
+from scanner_gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelOutputInvalid,
+    Overloaded,
+    UpstreamTimeout,
+)
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion
 from scanner_gateway.scan.idempotency import IdempotencyCache, request_fingerprint
@@ -26,6 +32,8 @@ T = TypeVar("T")
 
 # A truncated or invalid answer is retried once with this much more room.
 RETRY_TOKEN_FACTOR = 2
+# The `task` label of scans refused before their body (which names the task) was read.
+UNREAD_TASK = "(unread)"
 
 
 def build_messages(task: Task, images: Sequence[NormalizedImage], locale: Locale) -> list[dict[str, Any]]:
@@ -86,6 +94,16 @@ class ScanService:
         self.metrics = metrics or GatewayMetrics()
         # None: image URLs are refused (SCANNER_IMAGE_URL_HOSTS unset).
         self.image_fetcher = image_fetcher
+
+    def refuse_early_if_overloaded(self) -> None:
+        """The 429 a scan would get anyway, raised before its body is read: under a burst
+        of phone photos, reading and parsing megabytes only to refuse them is what slowed
+        the gateway. Checked for the first priority class, which the body may yet name."""
+        try:
+            self.admission.check(PRIORITY_CLASSES[0])
+        except Overloaded:
+            self.metrics.scans.labels(UNREAD_TASK, Overloaded.code).inc()
+            raise
 
     async def _downloaded(
         self, task: Task, images: Sequence[bytes | str], priority: PriorityClass, deadline: float

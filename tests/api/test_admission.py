@@ -163,3 +163,40 @@ def test_one_key_over_its_limit_gets_429_while_other_keys_are_served(settings, f
         assert_error(r, 429, "key_over_limit")
         assert r.headers["retry-after"] == "1"
     assert "scanner_client_limit_rejections_total 2.0" in metrics
+
+
+def test_overloaded_gateway_refuses_a_scan_before_reading_its_photos(settings, fake_engine):
+    """The 429 comes before the body is read: a burst of phone photos is refused without
+    parsing megabytes of uploads first."""
+    from tests.api.test_observability import value
+
+    fake_engine.answer = slow(1.0)
+    one_slot = settings.model_copy(update={"max_in_flight_per_replica": 1, "queue_limit": 0})
+    app = create_app(one_slot)
+    body_reads: Counter = Counter()
+
+    async def counting_reads(scope, receive, send):
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request" and scope["type"] == "http":
+                body_reads[dict(scope["headers"]).get(b"x-test", b"").decode()] += 1
+            return message
+        await app(scope, counted, send)
+
+    with TestClient(counting_reads) as c:
+        first = threading.Thread(target=c.post, args=("/v1/scan",), kwargs={
+            "files": {"image": ("a.jpg", PHOTO)}, "data": {"task": "storefront"}, "headers": {"x-test": "first"}})
+        first.start()
+        deadline = time.monotonic() + 5
+        # Once the engine has the first scan (not just a probe), it holds the one slot.
+        while (not any(r.path.endswith("/chat/completions") for r in fake_engine.received)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        refused = c.post("/v1/scan", files={"image": ("b.jpg", PHOTO)}, data={"task": "storefront"},
+                         headers={"x-test": "second", "X-Priority": "batch"})
+        first.join()
+        metrics = c.get("/metrics").text
+    assert_error(refused, 429, "overloaded")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert body_reads["first"] >= 1 and body_reads["second"] == 0
+    assert value(metrics, "scanner_scans_total", task="(unread)", outcome="overloaded") == 1
