@@ -168,7 +168,7 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
         registry = TaskRegistry.load(default_prompts_dir())
         opts = EngineOptions(
             model=str(ensure_dev_model(cache_dir() / "dev-model")), served_model_name=DEV_SERVED_NAME,
-            port=free_port(), max_images=max(t.spec.max_images for t in registry),
+            port=free_port(), max_images=registry.most_images(),
             max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
         )
         managed = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")

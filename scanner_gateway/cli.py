@@ -96,7 +96,7 @@ def _engine_options(
         served_model_name=served,
         host=host,
         port=port,
-        max_images=max(t.spec.max_images for t in registry),
+        max_images=registry.most_images(),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
         max_model_len=max_len,
         api_key=settings.upstream_api_key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,9 @@ DEFAULT_ENGINE_CONNECT_TIMEOUT_S = 3.0
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # 64 MP admits every phone camera (48 MP sensors included) and refuses pixel bombs.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Decode threads when SCANNER_IMAGE_WORKERS is 0: one per usable CPU, but no more than
+# this on a many-core node, as each holds a decoded photo in memory.
+MAX_AUTO_IMAGE_WORKERS = 8
 
 
 def default_prompts_dir() -> Path:
@@ -113,9 +117,14 @@ class Settings(BaseSettings):
         DEFAULT_MAX_ACTIVE_FETCHES, ge=1,
         description="Image URL downloads at once (each buffers up to max_image_bytes); more get 429.",
     )
-    image_workers: int = Field(2, ge=1, description="Threads that decode and resize images.")
+    image_workers: int = Field(
+        0, ge=0, description="Threads that decode and resize images; 0: one per CPU this process "
+        f"may use, at most {MAX_AUTO_IMAGE_WORKERS}.",
+    )
     image_queue_limit: int = Field(
-        64, ge=1, description="Images allowed to wait for a worker before answering 429."
+        0, ge=0, description="Images allowed to wait for a decode thread before answering 429; 0: all "
+        "that admitted scans can bring (in-flight cap x replicas x a task's most images), so a scan "
+        "admission let in is never refused here.",
     )
     jpeg_quality: int = Field(85, ge=30, le=100)
     api_keys: str = Field(
@@ -159,6 +168,9 @@ class Settings(BaseSettings):
             "max_buffered_bytes": self.max_buffered_bytes // workers,
         })
 
+    def image_worker_count(self) -> int:
+        return self.image_workers or min(usable_cpus(), MAX_AUTO_IMAGE_WORKERS)
+
     def upstream_urls(self) -> list[str]:
         urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
         checked = [root_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
@@ -176,3 +188,11 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, where the platform tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -250,3 +250,7 @@ class TaskRegistry:
 
     def names(self) -> list[str]:
         return list(self._tasks)
+
+    def most_images(self) -> int:
+        """The most photos any task takes in one request."""
+        return max(task.spec.max_images for task in self)

@@ -43,3 +43,26 @@ def test_workers_share_each_keys_limit_and_off_stays_off(per_key, workers, each)
 
 def test_workers_share_the_body_memory():
     assert Settings(max_buffered_bytes=1 << 30).for_one_of(4).max_buffered_bytes == 1 << 28
+
+
+def test_image_workers_default_to_the_usable_cpus_at_most_eight(monkeypatch):
+    from scanner_gateway import config
+
+    for cpus, expected in ((2, 2), (16, 8)):
+        monkeypatch.setattr(config, "usable_cpus", lambda cpus=cpus: cpus)
+        assert Settings().image_worker_count() == expected
+    assert Settings(image_workers=3).image_worker_count() == 3
+
+
+def test_image_queue_holds_every_photo_admitted_scans_can_bring(caplog):
+    from scanner_gateway.app import image_queue_limit
+    from scanner_gateway.config import default_prompts_dir
+    from scanner_gateway.scan.tasks import TaskRegistry
+
+    registry = TaskRegistry.load(default_prompts_dir())
+    most = registry.most_images()
+    assert image_queue_limit(Settings(), registry, max_in_flight=128) == 128 * most
+    assert image_queue_limit(Settings(image_queue_limit=100_000), registry, max_in_flight=128) == 100_000
+    assert not caplog.records
+    assert image_queue_limit(Settings(image_queue_limit=64), registry, max_in_flight=128) == 64
+    assert "SCANNER_IMAGE_QUEUE_LIMIT=64" in caplog.text  # an operator's smaller queue is kept, with a warning
