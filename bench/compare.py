@@ -171,6 +171,10 @@ class GpuMeter:
                 mem = max(mem, self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
         out.update(util=statistics.mean(utils) if utils else None, mem=mem or None)
 
+    def busy(self) -> float:
+        """The busiest GPU's utilisation now (NVML's last sample period); 0 without one."""
+        return max((self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100 for h in self.handles), default=0.0)
+
 
 Send = Callable[[httpx.AsyncClient, int], Awaitable[int]]  # -> HTTP status
 
@@ -270,7 +274,7 @@ def sweep(senders: dict[str, Send], *, levels: list[int], seconds: float, slo_s:
     active = list(senders)
     for step, concurrency in enumerate([1, *levels]):
         for name in turn_order(active, step):
-            settle(quiet)
+            settle(quiet, gpu)
             level = measure(senders[name], concurrency, seconds, slo_s * 2, gpu)
             with log.open("a") as out:
                 out.write(json.dumps({"system": name, **asdict(level)}) + "\n")
@@ -331,12 +335,18 @@ def busy_fraction(seconds: float = 1.0) -> float:
     return meter.stop()
 
 
-def settle(idle_below: float, max_s: float = 180.0) -> None:
+GPU_IDLE = 0.05  # utilisation under which a GPU counts as idle between levels
+
+
+def settle(idle_below: float, gpu: GpuMeter, max_s: float = 180.0) -> None:
     """Wait until the machine is quiet: work a system queued during overload (and keeps
-    doing after its clients gave up) must not slow the next measurement."""
+    doing after its clients gave up) must not slow the next measurement. The GPU too: a
+    seed whose clients timed out works through its backlog there on one CPU core, which
+    the CPU check alone missed (likely what cut the gateway's c=64 level below its c=16
+    one, GPU 97% busy, in results/compare-h200-12mp)."""
     deadline = time.monotonic() + max_s
     while time.monotonic() < deadline:
-        if busy_fraction() < idle_below:
+        if busy_fraction() < idle_below and gpu.busy() < GPU_IDLE:
             return
     console.print(f"[yellow]machine still busy after {max_s:g} s; going on")
 
@@ -377,12 +387,16 @@ def main(
     overload_seconds: float = typer.Option(20.0, help="Length of the 10x overload run."),
     photos: int = typer.Option(48, help="Distinct photos (several resolutions)."),
     systems: str = typer.Option(",".join(SYSTEMS), help="Which systems to run."),
+    same_budget: bool = typer.Option(True, help="Run the same-budget view (off: the 12 MP view alone, for a short "
+                                                "GPU lease that has the other from an earlier run)."),
     as_designed: bool = typer.Option(True, help="Also run the 12 MP view (gateway, seed-before, vllm-direct raw)."),
     overload: bool = typer.Option(True, help="Run each system at 10x its max QPS (off: a short GPU lease)."),
     out: str = typer.Option("compare-cpu", help="Results name under bench/results/."),
     max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
                                           "(0: the task as shipped); shorter answers, image work dominates."),
 ) -> None:
+    if not (same_budget or as_designed):
+        raise typer.BadParameter("nothing to run: --no-same-budget and --no-as-designed", param_hint="--no-same-budget")
     if engine_url and engine_args:
         raise typer.BadParameter("flags for an engine the bench starts; it starts none with --engine-url",
                                  param_hint="--engine-args")
@@ -485,14 +499,33 @@ def main(
         console.print(f"each level as it ends: {level_log}")
         sweep_args = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu, "log": level_log}
         quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
+
+        def report_now(work: Counter, overload_done: bool) -> dict:
+            return {"machine": machine(), "gateway_work": dict(work), "engine_cache_hits": engine_cache_hits(engine_url),
+                    "gateway_overload_settings": {view: runs["gateway"].overload_settings
+                                                  for view, runs in (("same budget", results), ("12 MP", designed))
+                                                  if "gateway" in runs and runs["gateway"].overload_settings},
+                    "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan",
+                    "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                    "overload_run": overload_done, "overload_pending": overload and not overload_done,
+                    "same_budget_run": same_budget,
+                    "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
+                    "same_budget": {k: asdict(v) for k, v in results.items()},
+                    "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
+
         console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
         with Progress(console=console) as progress:
             # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
-            results = sweep({n: senders[n] for n in chosen}, quiet=quiet, progress=progress, **sweep_args)
+            results = (sweep({n: senders[n] for n in chosen}, quiet=quiet, progress=progress, **sweep_args)
+                       if same_budget else {})
             if as_designed:
                 designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
                     {f"{n} (12 MP)": designed_senders[n] for n in designed_senders if n in chosen},
                     quiet=quiet, progress=progress, **sweep_args).items()}
+            if overload:  # the sweeps' report now: a run cut short in its 10x runs (a lent GPU's time) keeps it
+                interim = Counter(gateway_work)
+                interim.update(gateway_counters(gw_port))
+                write_report(report_now(interim, False), results, designed, base)
             overloads = ((results, senders), (designed, designed_senders)) if overload else ()
             bar = progress.add_task("10x overload runs", total=len(results) + len(designed), visible=overload)
             for runs, send_of in overloads:
@@ -500,7 +533,7 @@ def main(
                     if name == "gateway":
                         result.overload_settings = admission_for(result, slo_s)
                         start_gateway(result.overload_settings)
-                    settle(quiet)
+                    settle(quiet, gpu)
                     overload_system(result, send_of[name], overload_seconds, slo_s)
                     if name.startswith("seed-"):
                         restart_seed(name.removeprefix("seed-"))
@@ -509,7 +542,7 @@ def main(
                     # The engine works on through the backlog after the clients gave up (and
                     # has been OOM-killed doing so): wait for it here, so that its fate is put
                     # down to the run that left the backlog, not to the next or to none.
-                    settle(quiet)
+                    settle(quiet, gpu)
                     if engine is not None and engine.exit_code is not None:
                         # Unguarded, vLLM takes in every photo it is sent: a 10x burst of 12 MP
                         # ones has had its API process OOM-killed here (18 GB). Say so, and go on.
@@ -523,15 +556,7 @@ def main(
                         engine.wait_healthy(900)
                     progress.advance(bar)
         gateway_work.update(gateway_counters(gw_port))
-        engine_caches = engine_cache_hits(engine_url)
-        report = {"machine": machine(), "gateway_work": dict(gateway_work), "engine_cache_hits": engine_caches,
-                  "gateway_overload_settings": {view: runs["gateway"].overload_settings
-                                                for view, runs in (("same budget", results), ("12 MP", designed))
-                                                if "gateway" in runs}, "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan", "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s, "overload_run": overload,
-                  "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
-                  "same_budget": {k: asdict(v) for k, v in results.items()},
-                  "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
-        write_report(report, results, designed, base)
+        write_report(report_now(gateway_work, overload), results, designed, base)
         level_log.unlink()  # all of it is in the report now
     finally:
         for proc in procs:
@@ -558,7 +583,7 @@ def bench_engine_options(model_dir: str, registry: TaskRegistry, task: Task,
     applied server-side (for raw photos sent straight to it), its prefix and processor
     caches off, then `extra_args` (a GPU run's `--load-format dummy`, say)."""
     return EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
-                         max_images=max(t.spec.max_images for t in registry),
+                         max_images=registry.most_images(),
                          max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
                          max_model_len=DEV_MAX_MODEL_LEN,
                          extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)), *CACHES_OFF,
@@ -740,7 +765,8 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"{report['photos']} distinct photos.",
           (f"Gateway admission in the 10x runs, sized from its sweep (in-flight cap = the knee's concurrency, "
            f"queue wait = SLO - the knee's p95): {report['gateway_overload_settings']}."
-           if report["overload_run"] else "No 10x runs (--no-overload)."),
+           if report["overload_run"] else "The 10x runs had not finished when this was written (the sweeps' report)."
+           if report.get("overload_pending") else "No 10x runs (--no-overload)."),
           f"Answer validity: the gateway retried {report['gateway_work']['retried']:.0f} of "
           f"{report['gateway_work']['scans']:.0f} scans (answers cut at max_tokens or invalid: it asks again "
           f"with twice the tokens); vllm-direct's finish reasons {report['vllm_direct_finish_reasons']} "
@@ -756,7 +782,7 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           "gateway process waited to run (blocked, or starved of CPU by the engine on a small machine), "
           "included in its latencies.",
           "", "## Same pixel budget (architecture only: every system gets the photo already sized to the task's budget)",
-          "", *table(results), "", *ratios(results)]
+          "", *(table(results) + ["", *ratios(results)] if results else ["Not run (--no-same-budget)."])]
     if designed:
         md += ["", "## As designed, 12 MP phone photos (the seed hands the full photo to the processor; "
                    "the gateway applies the task's pixel budget; vllm-direct sends the raw photo and vLLM "

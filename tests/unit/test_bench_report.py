@@ -29,3 +29,24 @@ def test_with_overload_runs_every_10x_row_is_there():
     lines = compare.table({"gateway": _result("gateway", overload_rate=30.0)})
     assert any(line.startswith("| of which 429 / 5xx / timeout / refused | 2 / 0 / 0 / 0 |") for line in lines)
     assert not any("not run" in line for line in lines)
+
+
+def _report(overload_run: bool, overload_pending: bool) -> dict:
+    return {"machine": {"cpu": "x", "cores": 2, "memory_gib": 4, "gpus": [], "vllm_cpu_reserved_cpu": "default"},
+            "gateway_work": {"retried": 0, "scans": 10, "loop_late_s": 0, "loop_late_over_1s": 0},
+            "engine_cache_hits": {}, "gateway_overload_settings": {}, "vllm_direct_finish_reasons": {},
+            "task": "product_scan", "max_items": None, "output_tokens": 10, "slo_p95_s": 10,
+            "overload_run": overload_run, "overload_pending": overload_pending, "same_budget_run": False,
+            "seconds_per_level": 6, "photos": 4, "resolutions": [], "same_budget": {}, "as_designed_12mp": {}}
+
+
+def test_a_12_mp_only_run_reports_the_same_budget_view_as_not_run(tmp_path):
+    designed = {"gateway": _result("gateway"), "seed-before": _result("seed-before")}
+    compare.write_report(_report(False, overload_pending=True), {}, designed, tmp_path / "run")
+    md = (tmp_path / "run.md").read_text()
+    assert "Not run (--no-same-budget)." in md and "## As designed, 12 MP" in md
+    assert "The 10x runs had not finished when this was written" in md  # the sweeps' report, written first
+    assert "max QPS gateway / seed-before = 1.00 (target 10x)" in md
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+    compare.write_report(_report(False, overload_pending=False), {}, designed, tmp_path / "run")
+    assert "No 10x runs (--no-overload)." in (tmp_path / "run.md").read_text()
