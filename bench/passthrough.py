@@ -42,7 +42,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = r'''
-import asyncio, sys
+import asyncio, json, sys
 ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
 EVENT = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
 DELAY = float(sys.argv[2])
@@ -66,8 +66,13 @@ async def app(scope, receive, send):
             await asyncio.sleep(0.005)
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         return
+    answer = ANSWER
+    if b'"response_format"' in body:  # a scan: a schema-valid sample (bench/upload_burst.py)
+        from scanner_gateway.scan.schema import sample_instance
+        schema = json.loads(body)["response_format"]["json_schema"]["schema"]
+        answer = ANSWER.replace(b'"content":"ok"', b'"content":' + json.dumps(json.dumps(sample_instance(schema))).encode())
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": ANSWER})
+    await send({"type": "http.response.body", "body": answer})
 import uvicorn
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
 '''
