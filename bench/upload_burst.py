@@ -11,8 +11,9 @@ it admits. Open loop: `--rate` multipart scans/s (distinct synthetic shelf photo
 
 Prints the status mix, how fast the 429s came, the admitted answers' latency against the
 bound the gateway promises (queue wait + service time + its own decode), and the
-gateway's CPU per request. Measured with it (2026-11-27, one H200 box's 16 cores, 188
-12 MP uploads/s, 16 in flight, 9.1 s queue wait, 850 ms service; two runs each): 429 p99
+gateway's CPU per request. Measured with its first version (the same open loop and fake
+answers; 2026-11-27, one H200 box's 16 cores, 188 12 MP uploads/s, 16 in flight, 9.1 s
+queue wait, 850 ms service; two runs each): 429 p99
 26-32 ms and gateway CPU 19.2-20.7 s before the intake change (e98f735), 9-15 ms and
 16.8-17.7 s after; admitted max 10.1-10.7 s either way (bound ~10 s).
 """
