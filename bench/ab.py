@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (  # noqa: E402
     ROOT,
     SCAN_FORM,
+    GpuMeter,
     Send,
     busy_fraction,
     capped_prompts,
@@ -222,7 +223,7 @@ def main(
         if "12mp" in chosen:  # ~3 MB of base64 per raw photo: built only when sent
             senders["12mp"] = {"gateway": multipart(scan_url, big, SCAN_FORM),
                                "vllm-direct": raw_direct_sender(engine_url, task, served, big)}
-        quiet = busy_fraction(3.0) + 0.2
+        quiet, gpu = busy_fraction(3.0) + 0.2, GpuMeter()
         runs: list[Run] = []
         with Progress(console=console) as progress:
             bar = progress.add_task("A/B rounds", total=len(chosen) * len(level_list) * rounds * 2)
@@ -231,7 +232,7 @@ def main(
                     for rnd in range(rounds):
                         order = SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]
                         for position, system in enumerate(order):
-                            settle(quiet)
+                            settle(quiet, gpu)
                             run = measure(view, c, rnd, system, position, senders[view][system], seconds, cpu)
                             runs.append(run)
                             progress.console.print(f"{view} c={c} round {rnd} {system}: {run.qps:.2f} answers/s, "
