@@ -46,6 +46,11 @@ import asyncio, json, sys
 ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
 EVENT = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
 DELAY = float(sys.argv[2])
+# Seconds more per request already running when one arrives (0: a fixed service time).
+# A batching engine answers a request that arrives into a busy batch later than one that
+# finds it empty: the first answers of a burst come fast, the rest slower.
+PER_RUNNING = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
+running = 0
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
@@ -58,7 +63,13 @@ async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return
-    await asyncio.sleep(DELAY)
+    global running
+    delay = DELAY + PER_RUNNING * running
+    running += 1
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        running -= 1
     if b'"stream": true' in body:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for _ in range(5):

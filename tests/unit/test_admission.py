@@ -93,9 +93,9 @@ def test_a_cold_start_learns_the_hold_from_the_running_requests():
     # Each has run 10 s, so is expected to run ~10 s more (holds of 20 s): the first slot
     # frees in 10 s, then two more rounds of 20 s; not rounds of 1 s.
     assert gate._expected_wait_s(4) == pytest.approx(10.0 + 2 * 20.0)
-    gate.finished = 1  # once a hold was seen, the ages are just a lower bound on it
+    gate.full_finished = 1  # once a hold at full load was seen, the ages are just a lower bound on it
     assert gate._expected_wait_s(4) == pytest.approx(20.0)
-    gate.avg_hold_s = 30.0  # a learnt average longer than the ages stands
+    gate.full_hold_s = 30.0  # a learnt average longer than the ages stands
     assert gate._expected_wait_s(4) == pytest.approx(20.0 + 2 * 30.0)
 
 
@@ -116,7 +116,7 @@ def test_a_cold_start_queues_one_round_at_most():
         assert "no request has finished" in exc.value.message
         release.set()
         await asyncio.gather(*tasks)
-        assert gate.finished == 4  # once holds are known, the wait estimate decides again
+        assert gate.full_finished == 3  # once holds at full load are known, the wait estimate decides again
         release.clear()
         tasks = [asyncio.create_task(hold()) for _ in range(5)]
         await asyncio.sleep(0)
@@ -139,6 +139,34 @@ def test_the_first_finished_requests_replace_the_initial_guess():
     assert gate.avg_hold_s == pytest.approx(10.0)  # not 1.0 + 10% of the way
     run(hold(20.0))
     assert gate.avg_hold_s == pytest.approx(15.0)  # the mean of the first ones
+
+
+def test_holds_seen_below_full_load_do_not_time_a_full_queue():
+    # A batching engine answers a request that finds it idle fast and the same request in
+    # a full batch slower: the light-load hold must not promise short waits to a full queue.
+    now = [0.0]
+    gate = AdmissionController(2, 100, max_wait_s=60, initial_hold_s=1.0, clock=lambda: now[0])
+
+    async def hold(seconds):
+        async with gate.slot("batch"):
+            now[0] += seconds
+
+    run(hold(0.2))  # alone
+    assert gate.avg_hold_s == pytest.approx(0.2) and gate.full_finished == 0
+    gate._started, gate.in_flight, now[0] = {1: 10.0, 2: 10.0}, 2, 10.5  # a burst fills both slots
+    # Each running request is expected to last twice its age (1 s), not the 0.2 s seen alone:
+    # the first slot frees in 0.5 s, and a round after that takes 1 s.
+    assert gate._expected_wait_s(2) == pytest.approx(0.5 + 1.0)
+
+    async def full_load():  # both slots taken: these holds are learnt as full-load ones
+        async with gate.slot("batch"), gate.slot("batch"):
+            now[0] += 3.0
+
+    gate._started, gate.in_flight, now[0] = {}, 0, 20.0
+    run(full_load())
+    assert gate.full_finished == 1 and gate.full_hold_s == pytest.approx(3.0)
+    gate._started, gate.in_flight, now[0] = {1: 30.0, 2: 30.0}, 2, 30.5
+    assert gate._expected_wait_s(2) == pytest.approx(2.5 + 3.0)
 
 
 def test_check_refuses_as_slot_would_without_taking_a_place():
