@@ -36,7 +36,7 @@ from rich.table import Table
 from scanner_gateway.synthetic import shelf_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overload import pct  # noqa: E402
+from overload import paced, pct  # noqa: E402
 from passthrough import FAKE_ENGINE, free_port, process_tree_cpu_s, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +57,7 @@ async def burst(base: str, photos: list[bytes], rate: float, seconds: float) -> 
                 status = type(exc).__name__
             return status, (time.perf_counter() - t0) * 1000
 
-        tasks = []
-        started = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        return await asyncio.gather(*tasks)
+        return await paced(rate, seconds, one)
 
 
 def main(rate: float = 60.0, seconds: float = 5.0, max_in_flight: int = 4, queue_wait_s: float = 1.0,

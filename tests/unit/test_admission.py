@@ -127,17 +127,18 @@ def test_a_cold_start_queues_one_round_at_most():
     run(main())
 
 
+async def hold(gate: AdmissionController, now: list[float], seconds: float) -> None:
+    """Hold a slot for `seconds` of the fake clock `now`."""
+    async with gate.slot("batch"):
+        now[0] += seconds
+
+
 def test_the_first_finished_requests_replace_the_initial_guess():
     now = [0.0]
     gate = AdmissionController(1, 10, max_wait_s=60, initial_hold_s=1.0, clock=lambda: now[0])
-
-    async def hold(seconds):
-        async with gate.slot("batch"):
-            now[0] += seconds
-
-    run(hold(10.0))
+    run(hold(gate, now, 10.0))
     assert gate.avg_hold_s == pytest.approx(10.0)  # not 1.0 + 10% of the way
-    run(hold(20.0))
+    run(hold(gate, now, 20.0))
     assert gate.avg_hold_s == pytest.approx(15.0)  # the mean of the first ones
 
 
@@ -146,12 +147,7 @@ def test_holds_seen_below_full_load_do_not_time_a_full_queue():
     # a full batch slower: the light-load hold must not promise short waits to a full queue.
     now = [0.0]
     gate = AdmissionController(2, 100, max_wait_s=60, initial_hold_s=1.0, clock=lambda: now[0])
-
-    async def hold(seconds):
-        async with gate.slot("batch"):
-            now[0] += seconds
-
-    run(hold(0.2))  # alone
+    run(hold(gate, now, 0.2))  # alone
     assert gate.avg_hold_s == pytest.approx(0.2) and gate.full_finished == 0
     gate._started, gate.in_flight, now[0] = {1: 10.0, 2: 10.0}, 2, 10.5  # a burst fills both slots
     # Each running request is expected to last twice its age (1 s), not the 0.2 s seen alone:
