@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 # Decode threads when SCANNER_IMAGE_WORKERS is 0: one per usable CPU, but no more than
 # this on a many-core node, as each holds a decoded photo in memory.
 MAX_AUTO_IMAGE_WORKERS = 8
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
 def default_prompts_dir() -> Path:
@@ -119,7 +121,7 @@ class Settings(BaseSettings):
     )
     image_workers: int = Field(
         0, ge=0, description="Threads that decode and resize images; 0: one per CPU this process "
-        f"may use, at most {MAX_AUTO_IMAGE_WORKERS}.",
+        f"may use (a cgroup CPU limit counted), at most {MAX_AUTO_IMAGE_WORKERS}.",
     )
     image_queue_limit: int = Field(
         0, ge=0, description="Images allowed to wait for a decode thread before answering 429; 0: all "
@@ -190,9 +192,17 @@ class Settings(BaseSettings):
         return keys
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity, where the platform tells)."""
+def usable_cpus(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may run on: its affinity (where the platform tells), bounded by
+    its cgroup's CPU quota (a Kubernetes CPU limit), which the affinity does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 quota file, or one we cannot read
+        pass
+    return cpus

@@ -66,3 +66,15 @@ def test_image_queue_holds_every_photo_admitted_scans_can_bring(caplog):
     assert not caplog.records
     assert image_queue_limit(Settings(image_queue_limit=64), registry, max_in_flight=128) == 64
     assert "SCANNER_IMAGE_QUEUE_LIMIT=64" in caplog.text  # an operator's smaller queue is kept, with a warning
+
+
+@pytest.mark.parametrize(("cpu_max", "limit"), [("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1),
+                                               ("max 100000", None), (None, None), ("garbage", None)])
+def test_usable_cpus_honour_a_cgroup_cpu_quota(tmp_path, cpu_max, limit):
+    from scanner_gateway.config import usable_cpus
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    unbounded = usable_cpus(tmp_path / "absent")
+    assert usable_cpus(path) == (unbounded if limit is None else min(unbounded, limit))
