@@ -215,7 +215,11 @@ def scan(
     priority: Annotated[str, typer.Option(help="interactive or batch.")] = "batch",
     retry_failed: Annotated[bool, typer.Option(help="Scan images whose last row failed again.")] = False,
 ) -> None:
-    """Scan files and folders concurrently; one row per image; exit 1 if any failed."""
+    """Scan files and folders concurrently; one row per image; exit 1 if any failed.
+
+    A failure recorded by an earlier run and skipped now still counts: the output is not
+    complete until every photo has a result, so a nightly job's `&&` does not go on.
+    """
     try:
         results = ResultsFile(out)
     except ValueError as exc:
@@ -259,7 +263,7 @@ def scan(
     if summary.skipped_failed:
         already += f" ({summary.skipped_failed} of them failed then; --retry-failed scans them again)"
     console.print(f"{len(images)} photo(s): {summary.scanned['ok']} scanned, {summary.failed} failed, {already}")
-    if summary.failed or missing:
+    if summary.failed or summary.skipped_failed or missing:
         raise typer.Exit(1)
 
 

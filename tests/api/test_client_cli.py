@@ -98,7 +98,7 @@ def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):
     assert "5 scanned, 1 failed" in first.output
 
     again = runner.invoke(cli, ["scan", str(photos), "--url", gateway, "--out", str(out)])
-    assert again.exit_code == 0 and "6 already in" in again.output
+    assert again.exit_code == 1 and "6 already in" in again.output  # broken.jpg still has no result
     assert len(out.read_text().splitlines()) == 6  # nothing scanned twice
 
     assert "1 of them failed then; --retry-failed" in said(again)
