@@ -8,7 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
+
 from scanner_gateway.context import request_id
+
+# uvicorn attaches an ANSI-coloured copy of some messages; a log shipper wants one plain message.
+_NOT_LOGGED = [*RESERVED_ATTRS, "color_message"]
 
 
 class RequestIdFilter(logging.Filter):
@@ -26,8 +31,10 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         "formatters": {
             "json": {
                 "()": "pythonjsonlogger.json.JsonFormatter",
-                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
-                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+                "fmt": "%(levelname)s %(name)s %(message)s %(request_id)s",
+                "rename_fields": {"levelname": "level", "name": "logger"},
+                "timestamp": "time",  # ISO 8601 in UTC with microseconds, which log shippers parse as-is
+                "reserved_attrs": _NOT_LOGGED,
             }
         },
         "handlers": {

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 
 import httpx
 from fastapi.testclient import TestClient
@@ -145,3 +146,5 @@ def test_logs_are_json_lines_with_request_ids_and_no_image_bytes(fake_engine):
     access = [ln for ln in lines if ln.get("request_id") == "log-me-1" and ln["message"] == "request"]
     assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/scan" and access[0]["duration_ms"] > 0
     assert "/9j/" not in out and "base64" not in out  # no image bytes anywhere
+    assert all(datetime.fromisoformat(ln["time"]).utcoffset() == timedelta(0) for ln in lines)
+    assert "\x1b[" not in out and not any("color_message" in ln for ln in lines)  # uvicorn's coloured copies
