@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests.api.test_observability import run_gateway
+from tests.api.test_scan_api import PHOTO
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,3 +26,25 @@ def test_upload_burst_runs_against_its_fake_engine():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "status mix" in done.stdout and "200: 4" in done.stdout  # every scan answered: the fake answers scans
     assert "gateway CPU" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
+def test_wrk_scan_script_posts_multipart_scans(fake_engine, tmp_path):
+    photo = tmp_path / "shelf.jpg"
+    photo.write_bytes(PHOTO)
+    port = free_port()
+    gateway = run_gateway(fake_engine, port)
+    try:
+        done = subprocess.run(
+            ["wrk", "-t1", "-c2", "-d1s", "--timeout", "10s", "-s", "bench/scan.lua",
+             f"http://127.0.0.1:{port}/v1/scan", "--", str(photo), "storefront"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        gateway.terminate()
+        gateway.communicate(timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    mix = re.search(r"status mix: 200 x(\d+)\n", done.stdout)  # every answer a 200: the multipart body is right
+    assert mix and int(mix.group(1)) > 0, done.stdout
+    scans = [r for r in fake_engine.received if r.path == "/v1/chat/completions"]
+    assert len(scans) >= int(mix.group(1)) and b"image_url" in scans[0].body
