@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Security
@@ -72,6 +72,26 @@ def create_app(settings: Settings) -> FastAPI:
     registry = TaskRegistry.load(settings.prompts_dir)
     upstream_urls = settings.upstream_urls()
     metrics = GatewayMetrics()
+    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN; offline (a store,
+    # a closed network) they would be blank pages. These ship the files in the package.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_PATH,
+        title="Scanner gateway",
+        version=__version__,
+        description="Retail-vision scans (shelves, price tags, storefronts, kitchens) on vLLM.",
+        lifespan=_lifespan(settings, registry, metrics, upstream_urls),
+    )
+    install_error_handlers(app)
+    keys = settings.client_keys()
+    _include_routes(app, keys_required=bool(keys))
+    _add_middleware(app, settings, keys, registry, metrics)
+    return app
+
+
+def _lifespan(
+    settings: Settings, registry: TaskRegistry, metrics: GatewayMetrics, upstream_urls: list[str]
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The shared clients, pools and queues: built at startup, closed at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,17 +125,13 @@ def create_app(settings: Settings) -> FastAPI:
             max_wait_s=settings.max_queue_wait_s,
             metrics=metrics,
         )
-        image_url_hosts = settings.image_url_host_patterns()
-        # Its own client: image hosts are the internet's, with other timeouts than the engines.
-        image_client = httpx.AsyncClient(timeout=settings.image_fetch_timeout_s) if image_url_hosts else None
+        image_fetcher = _image_fetcher(settings)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.registry = registry
         app.state.pool = pool
         app.state.admission = admission
-        app.state.chat_relay = ChatRelay(
-            pool, admission, settings.chat_priority, settings.engine_priorities
-        )
+        app.state.chat_relay = ChatRelay(pool, admission, settings.chat_priority, settings.engine_priorities)
         app.state.scan_service = ScanService(
             registry,
             normalizer,
@@ -127,13 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
             request_timeout_s=settings.request_timeout_s,
             idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
             metrics=metrics,
-            image_fetcher=ImageFetcher(
-                image_client,
-                image_url_hosts,
-                max_bytes=settings.max_image_bytes,
-                timeout_s=settings.image_fetch_timeout_s,
-                max_active=settings.image_fetch_max_active,
-            ) if image_client else None,
+            image_fetcher=image_fetcher,
         )
         # Everything built so far lives as long as the process. Frozen, the collector stops
         # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
@@ -156,28 +166,42 @@ def create_app(settings: Settings) -> FastAPI:
             normalizer.close()
             await pool.close()
             await session.close()
-            if image_client is not None:
-                await image_client.aclose()
+            if image_fetcher is not None:
+                await image_fetcher.client.aclose()
 
-    # FastAPI's own /docs and /redoc load Swagger UI and ReDoc from a CDN; offline (a store,
-    # a closed network) they would be blank pages. These ship the files in the package.
-    app = FastAPIOffline(
-        static_url=DOCS_ASSETS_PATH,
-        title="Scanner gateway",
-        version=__version__,
-        description="Retail-vision scans (shelves, price tags, storefronts, kitchens) on vLLM.",
-        lifespan=lifespan,
+    return lifespan
+
+
+def _image_fetcher(settings: Settings) -> ImageFetcher | None:
+    """Only where the operator allowed image hosts (SCANNER_IMAGE_URL_HOSTS)."""
+    hosts = settings.image_url_host_patterns()
+    if not hosts:
+        return None
+    return ImageFetcher(
+        # Its own client: image hosts are the internet's, with other timeouts than the engines.
+        httpx.AsyncClient(timeout=settings.image_fetch_timeout_s),
+        hosts,
+        max_bytes=settings.max_image_bytes,
+        timeout_s=settings.image_fetch_timeout_s,
+        max_active=settings.image_fetch_max_active,
     )
-    install_error_handlers(app)
-    keys = settings.client_keys()
+
+
+def _include_routes(app: FastAPI, *, keys_required: bool) -> None:
     # ApiKeyAuth enforces the keys; this only declares them in the OpenAPI document, so
     # clients generated from it know to send a bearer key.
-    documented_auth = [Security(HTTPBearer(auto_error=False, description="An API key"))] if keys else []
+    documented_auth = [Security(HTTPBearer(auto_error=False, description="An API key"))] if keys_required else []
     app.include_router(scan.router, dependencies=documented_auth)
     app.include_router(openai.router, dependencies=documented_auth)
     app.include_router(ops.router)
     app.include_router(web.router)
     app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
+
+
+def _add_middleware(
+    app: FastAPI, settings: Settings, keys: list[str], registry: TaskRegistry, metrics: GatewayMetrics
+) -> None:
+    """Each add wraps the ones before it: the last added runs first on a request."""
     app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
     app.add_middleware(
         BodySizeLimit, max_bytes=request_size_limit(settings, registry), timeout_s=settings.body_timeout_s,
@@ -204,7 +228,6 @@ def create_app(settings: Settings) -> FastAPI:
             max_age=CORS_MAX_AGE_S,
         )
     app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
-    return app
 
 
 def create_app_from_env() -> FastAPI:
