@@ -53,6 +53,7 @@ class ChatCompletion(_Lenient):
 class ModelCard(_Lenient):
     id: str
     object: str = "model"
+    created: int = 0  # required by OpenAI's Model object: typed SDKs (Rust, Java) fail without it
     owned_by: str = "vllm"
 
 

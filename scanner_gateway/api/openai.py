@@ -38,7 +38,7 @@ async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
     """The engine's models plus one `scan/<task>` pseudo-model per scan task."""
     cards = await pool.list_models()
     cards += [
-        ModelCard(id=f"{SCAN_MODEL_PREFIX}{task.name}", owned_by="scanner-gateway")
+        ModelCard(id=f"{SCAN_MODEL_PREFIX}{task.name}", created=registry.loaded_at, owned_by="scanner-gateway")
         for task in registry
     ]
     return ModelList(data=cards)

@@ -8,6 +8,7 @@ a schema whose answer does not fit the task's typed result model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -217,6 +218,7 @@ def load_task(path: Path) -> Task:
 class TaskRegistry:
     def __init__(self, tasks: dict[str, Task]) -> None:
         self._tasks = dict(sorted(tasks.items()))
+        self.loaded_at = int(time.time())  # the scan pseudo-models' `created`
 
     @classmethod
     def load(cls, directory: Path) -> TaskRegistry:

@@ -1,6 +1,7 @@
 import base64
 import json
 import logging
+import time
 
 import openai
 import pytest
@@ -22,11 +23,16 @@ def test_models_lists_engine_models_and_scan_tasks(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids[0] == FAKE_MODEL
     assert {"scan/product_scan", "scan/kitchen_compliance"} <= set(ids) and len(ids) == 6
+    # OpenAI's Model object: typed SDKs (Rust's async-openai, Java's) reject a card without these.
+    for card in client.get("/v1/models").json()["data"]:
+        assert isinstance(card["created"], int) and card["object"] == "model" and card["owned_by"]
 
 
 def test_models_can_be_retrieved_one_by_one(client):
     card = client.get("/v1/models/scan/price_tags").json()
+    created = card.pop("created")
     assert card == {"id": "scan/price_tags", "object": "model", "owned_by": "scanner-gateway"}
+    assert abs(created - time.time()) < 600  # the tasks' load time: a Unix time, as OpenAI's Model has
     assert client.get(f"/v1/models/{FAKE_MODEL}").json()["id"] == FAKE_MODEL
     assert_error(client.get("/v1/models/scan/nope"), 404, "not_found")
 
