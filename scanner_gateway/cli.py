@@ -26,6 +26,7 @@ from scanner_gateway.engine.launcher import (
     ManagedEngine,
     engine_command,
     engine_env,
+    port_taken,
     vllm_executable,
 )
 from scanner_gateway.scan.tasks import TaskConfigError, TaskRegistry
@@ -152,6 +153,7 @@ def up(
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = Settings(**overrides)
     host, port = settings.host, settings.port
+    _refuse_taken_ports(host, port, engine_port)
     opts = _engine_options(settings, model, "127.0.0.1", engine_port, max_model_len, engine_arg)
     model_path, served = opts.model, opts.served_model_name
     log_path = cache_dir() / "logs" / f"vllm-{engine_port}.log"
@@ -179,6 +181,20 @@ def up(
             pass
         console.print("stopping the engine ...")
     console.print("engine stopped")
+
+
+def _refuse_taken_ports(host: str, port: int, engine_port: int) -> None:
+    """Say so before the engine's minute of startup: a busy engine port would even let
+    another server's /health pass for ours."""
+    if port_taken("127.0.0.1", engine_port):
+        console.print(f"[red]port {engine_port} (the engine's) is already in use[/red]: another vLLM? "
+                      f"Put a gateway in front of it with `scanner-gateway serve --upstream "
+                      f"http://127.0.0.1:{engine_port}`, or pick a free port with --engine-port.")
+        raise typer.Exit(1)
+    if port_taken(host, port):
+        console.print(f"[red]port {port} (the gateway's) is already in use on {host}[/red]: "
+                      "another gateway? Pick a free port with --port (or SCANNER_PORT).")
+        raise typer.Exit(1)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

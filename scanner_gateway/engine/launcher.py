@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,19 @@ class EngineOptions:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (bound the way uvicorn binds, so a
+    port left in TIME_WAIT by a stopped server counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def vllm_executable() -> str:

@@ -1,9 +1,13 @@
+import socket
+
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from scanner_gateway import cli
 from scanner_gateway.cli import app
+from scanner_gateway.engine.launcher import port_taken
+from tests.helpers import free_port
 
 runner = CliRunner()
 
@@ -64,6 +68,7 @@ def test_up_listens_where_the_environment_or_the_flags_say(tmp_path, monkeypatch
     monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's own SIGTERM handling
     monkeypatch.setattr(cli, "ManagedEngine", EngineStandIn)
     monkeypatch.setattr(cli, "_run_gateway", lambda settings: started.append(settings))
+    monkeypatch.setattr(cli, "port_taken", lambda *_: False)  # whatever this machine runs on 8000/8080
     result = runner.invoke(app, ["up", "--model", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     assert (started[0].host, started[0].port) == where
@@ -75,3 +80,20 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"scanner-gateway {__version__}\n"
+
+
+@pytest.mark.parametrize("which", ["engine", "gateway"])
+def test_up_refuses_a_taken_port_before_starting_the_engine(which, monkeypatch):
+    monkeypatch.setattr(cli.signal, "signal", lambda *_: None)  # `up` hooks SIGTERM: not in a test run
+    monkeypatch.setattr(cli, "ManagedEngine", None)  # any attempt to start vLLM fails loudly
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        free = free_port()
+        ports = ["--engine-port", str(taken), "--port", str(free)] if which == "engine" else \
+            ["--engine-port", str(free), "--port", str(taken)]
+        result = runner.invoke(app, ["up", *ports])
+        assert result.exit_code == 1, result.output
+        assert f"port {taken} (the {which}'s) is already in use" in " ".join(result.output.split())
+    assert not port_taken("127.0.0.1", taken)  # closed: free again
