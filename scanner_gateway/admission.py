@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scanner_gateway.errors import InvalidRequest, Overloaded
+from scanner_gateway.errors import InvalidRequest, Overloaded, echo
 from scanner_gateway.metrics import GatewayMetrics
 
 PriorityClass = Literal["interactive", "batch"]
@@ -56,7 +56,7 @@ def parse_priority(value: str | None, default: PriorityClass, param: str = "X-Pr
     value = value.strip().lower()
     if value not in PRIORITY_CLASSES:
         raise InvalidRequest(
-            f"{param} must be one of {', '.join(PRIORITY_CLASSES)}; got {value!r}", param=param
+            f"{param} must be one of {', '.join(PRIORITY_CLASSES)}; got {echo(value)}", param=param
         )
     return value  # type: ignore[return-value]
 

@@ -8,6 +8,7 @@ Starlette's HTTP exceptions, or a bug (500, message hidden).
 from __future__ import annotations
 
 import logging
+import reprlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -22,6 +23,14 @@ from scanner_gateway.protocol import ErrorBody, ErrorResponse
 
 SERVER_ERROR_LOG_INTERVAL_S = 1.0
 ANSWERED = "answered %d %s: %s"  # status, code, message
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = 60
+
+
+def echo(value: object) -> str:
+    """A client's value, quoted for an error message and cut short (a 5 KB task name is
+    not echoed back whole)."""
+    return _ECHO.repr(value)
 
 
 class ServerErrorThrottle(logging.Filter):

@@ -24,7 +24,7 @@ from scanner_gateway.api.deps import (
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
 from scanner_gateway.api.scan_streams import stream_scan
-from scanner_gateway.errors import NotFound
+from scanner_gateway.errors import NotFound, echo
 from scanner_gateway.protocol import ModelCard, ModelList
 from scanner_gateway.scan import chat_adapter, responses_adapter
 from scanner_gateway.scan.scan_models import SCAN_MODEL_PREFIX, scan_task_name
@@ -52,7 +52,7 @@ async def retrieve_model(model: str, pool: PoolDep, registry: RegistryDep) -> Mo
     for card in (await list_models(pool, registry)).data:
         if card.id == model:
             return card
-    raise NotFound(f"model {model!r} does not exist; GET /v1/models lists them", param="model")
+    raise NotFound(f"model {echo(model)} does not exist; GET /v1/models lists them", param="model")
 
 
 _RELAY_ERRORS = error_responses(400, 401, 404, 413, 415, 422, 429, 502, 503, 504)

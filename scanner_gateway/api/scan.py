@@ -27,6 +27,7 @@ from scanner_gateway.errors import (
     ImageTooLarge,
     InvalidRequest,
     UnsupportedMedia,
+    echo,
     invalid_request_from,
 )
 from scanner_gateway.scan.results import ScanResult
@@ -121,9 +122,9 @@ async def _scan_form(form: FormData, max_image_bytes: int) -> ScanForm:
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
     if unknown:
         raise InvalidRequest(
-            f"unknown form field(s) {unknown}; expected {', '.join(FORM_FIELDS)} "
+            f"unknown form field(s) {echo(unknown)}; expected {', '.join(FORM_FIELDS)} "
             "(send photos in the 'image' field)",
-            param=unknown[0],
+            param=unknown[0][:64],
         )
     _refuse_repeats(form, QUERY_FIELDS, "form field")
     task = form.get("task")

@@ -20,7 +20,7 @@ from typing import TypeGuard
 
 import httpx
 
-from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest, Overloaded
+from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest, Overloaded, echo
 
 MAX_REDIRECTS = 3
 DEFAULT_MAX_ACTIVE_FETCHES = 64
@@ -47,7 +47,7 @@ class ImageFetcher:
         host = url.host.lower()
         if url.scheme not in ("http", "https") or not any(fnmatch.fnmatchcase(host, p) for p in self.allowed_hosts):
             raise InvalidRequest(
-                f"image URLs from host {host!r} are not fetched; the gateway's operator lists the hosts "
+                f"image URLs from host {echo(host)} are not fetched; the gateway's operator lists the hosts "
                 "it fetches from in SCANNER_IMAGE_URL_HOSTS (or send the bytes as a data URL or base64)",
                 param=param,
             )

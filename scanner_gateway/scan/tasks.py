@@ -19,7 +19,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scanner_gateway.errors import InvalidRequest, UnknownTask
+from scanner_gateway.errors import InvalidRequest, UnknownTask, echo
 from scanner_gateway.scan import schema as schema_checks
 from scanner_gateway.scan.images import PixelBudget as ImageBudget
 from scanner_gateway.scan.images import Scale
@@ -39,7 +39,7 @@ def parse_locale(value: Any) -> Locale | None:
         return None
     if value not in LOCALES:
         raise InvalidRequest(
-            f"locale must be one of {', '.join(LOCALES)}; got {value!r}", param="locale"
+            f"locale must be one of {', '.join(LOCALES)}; got {echo(value)}", param="locale"
         )
     return value
 
@@ -241,7 +241,7 @@ class TaskRegistry:
             return self._tasks[name]
         except KeyError:
             raise UnknownTask(
-                f"unknown task {name!r}; available: {', '.join(self._tasks)}", param="task"
+                f"unknown task {echo(name)}; available: {', '.join(self._tasks)}", param="task"
             ) from None
 
     def __iter__(self):  # type: ignore[no-untyped-def]

@@ -307,6 +307,20 @@ def test_tasks_listing(client):
     assert_error(client.get("/v1/tasks/nope"), 404, "unknown_task")
 
 
+def test_errors_quote_a_clients_long_values_cut_short(client):
+    long = "x" * 5000
+    for response, code in [
+        (client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": long}), "unknown_task"),
+        (client.post("/v1/scan", files={"image": ("a.jpg", PHOTO), long[:300]: ("b.jpg", PHOTO)},
+                     data={"task": "storefront"}), "invalid_request"),
+        (client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront", "locale": long}),
+         "invalid_request"),
+        (client.get(f"/v1/models/{long}"), "not_found"),
+    ]:
+        error = assert_error(response, response.status_code, code)
+        assert "xxx...xxx" in error["message"] and len(response.content) < 600, error
+
+
 def test_openapi_declares_error_shape(client):
     spec = client.get("/openapi.json").json()
     responses = spec["paths"]["/v1/scan"]["post"]["responses"]
