@@ -53,7 +53,7 @@ class ChatCompletion(_Lenient):
 class ModelCard(_Lenient):
     id: str
     object: str = "model"
-    created: int = 0  # required by OpenAI's Model object: typed SDKs (Rust, Java) fail without it
+    created: int = 0  # a required field of OpenAI's Model object: strictly typed clients expect it
     owned_by: str = "vllm"
 
 

@@ -23,7 +23,7 @@ def test_models_lists_engine_models_and_scan_tasks(client):
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids[0] == FAKE_MODEL
     assert {"scan/product_scan", "scan/kitchen_compliance"} <= set(ids) and len(ids) == 6
-    # OpenAI's Model object: typed SDKs (Rust's async-openai, Java's) reject a card without these.
+    # OpenAI's Model object has all four; strictly typed clients expect each of them.
     for card in client.get("/v1/models").json()["data"]:
         assert isinstance(card["created"], int) and card["object"] == "model" and card["owned_by"]
 
