@@ -3,6 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "scanner-api-key";
+const TASK_STORAGE = "scanner-task"; // a store that scans price tags all day keeps that task
+const DEFAULT_TASK = "product_scan";
 const state = { tasks: [], files: [], history: [], busy: false };
 
 function apiHeaders() {
@@ -68,8 +70,19 @@ async function loadTasks() {
     option.value = t.name;
     return option;
   }));
-  if (previous) select.value = previous;
+  // A link or bookmark may name the task (/?task=price_tags); else the last one used here.
+  const wanted = [previous, new URLSearchParams(location.search).get("task"), rememberedTask(), DEFAULT_TASK];
+  const chosen = wanted.find((name) => name && state.tasks.some((t) => t.name === name));
+  if (chosen) select.value = chosen;
   describeTask();
+}
+
+function rememberedTask() {
+  try { return localStorage.getItem(TASK_STORAGE); } catch { return null; } // storage off: no memory
+}
+
+function rememberTask() {
+  try { localStorage.setItem(TASK_STORAGE, $("task").value); } catch { /* storage off: no memory */ }
 }
 
 function describeTask() {
@@ -306,7 +319,7 @@ async function scan(event) {
 }
 
 function setup() {
-  $("task").addEventListener("change", describeTask);
+  $("task").addEventListener("change", () => { rememberTask(); describeTask(); });
   $("photos").addEventListener("change", (e) => setFiles(e.target.files));
   $("camera").addEventListener("change", (e) => setFiles(e.target.files));
   $("scan-form").addEventListener("submit", scan);

@@ -136,6 +136,21 @@ def test_errors_are_shown_clearly(page, tmp_path):
     assert "unsupported_media_type" in error.inner_text() and "not a photo the scanner reads" in error.inner_text()
 
 
+def test_the_task_is_product_scan_then_the_last_used_or_the_links(page):
+    def chosen() -> str:
+        page.wait_for_selector("#task option", state="attached")
+        return page.locator("#task").input_value()
+
+    assert chosen() == "product_scan"  # not merely the first in the list (kitchen_compliance)
+    page.select_option("#task", "price_tags")
+    page.reload()
+    assert chosen() == "price_tags"  # a store that scans price tags all day keeps that task
+    page.goto(page.url.split("?")[0] + "?task=shelf_audit")
+    assert chosen() == "shelf_audit"  # a bookmark or kiosk link names its task
+    page.goto(page.url.split("?")[0] + "?task=nope")
+    assert chosen() == "price_tags"  # an unknown name in a link is passed over
+
+
 def test_phone_width_and_keyboard(page):
     page.set_viewport_size({"width": 375, "height": 800})
     page.wait_for_selector("#task option", state="attached")
