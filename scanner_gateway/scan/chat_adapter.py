@@ -65,7 +65,8 @@ def chat_completion(result: ScanResult) -> dict[str, Any]:
         "model": scan_model_name(result),
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": result_json(result)},
+            "message": {"role": "assistant", "content": result_json(result), "refusal": None},
+            "logprobs": None,  # with `refusal`, required (nullable) in OpenAI's schema; vLLM sends both too
             "finish_reason": "stop",
         }],
         "usage": result.usage.model_dump(),
@@ -90,7 +91,7 @@ class ChatChunkStream:
         self.include_usage = include_usage
 
     def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
-        return _sse_data({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        return _sse_data({**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
     def opening(self) -> bytes:
         return self._chunk({"role": "assistant", "content": ""}, None)

@@ -174,7 +174,10 @@ def test_scan_task_as_model(client, fake_engine: FakeEngine):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "scan/storefront"
-    result = json.loads(body["choices"][0]["message"]["content"])
+    choice = body["choices"][0]
+    # Required (nullable) members of OpenAI's schema, as vLLM's own answers have them.
+    assert choice["logprobs"] is None and choice["message"]["refusal"] is None
+    result = json.loads(choice["message"]["content"])
     assert {"shop_name", "status", "issue_count"} <= set(result)
     assert body["scan"]["images"][0]["width"] == 640
     assert fake_engine.payloads[0]["response_format"]["json_schema"]["name"] == "storefront"
@@ -190,6 +193,7 @@ def test_scan_task_as_model_streams_the_result(client):
     assert events[-1] == "[DONE]"
     content = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
     assert "fullness_pct" in json.loads(content)
+    assert all(json.loads(e)["choices"][0]["logprobs"] is None for e in events[:-1])
     assert all("usage" not in json.loads(e) for e in events[:-1])  # not asked for
 
 
