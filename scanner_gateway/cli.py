@@ -7,16 +7,17 @@ import os
 import shlex
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
 from scanner_gateway import __version__
 from scanner_gateway.bulk import IMAGE_SUFFIXES, BulkSummary, ResultsFile, find_images, scan_all
 from scanner_gateway.client import DEFAULT_URL, AsyncScanClient, ScanError
-from scanner_gateway.config import Settings
+from scanner_gateway.config import Settings, settings_problems
 from scanner_gateway.engine.launcher import (
     DEFAULT_ENGINE_PORT,
     DEFAULT_SERVED_NAME,
@@ -117,7 +118,7 @@ def engine(
     dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
 ) -> None:
     """Run only vLLM, in the foreground, with the flags the gateway relies on (containers)."""
-    opts = _engine_options(Settings(), model, host, port, max_model_len, engine_arg)
+    opts = _engine_options(_settings(), model, host, port, max_model_len, engine_arg)
     try:
         executable = "vllm" if dry_run else vllm_executable()
     except EngineStartError as exc:
@@ -151,7 +152,7 @@ def up(
     # (uvicorn re-raises the signal it caught once it has shut down).
     signal.signal(signal.SIGTERM, _exit_on_signal)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     host, port = settings.host, settings.port
     _refuse_taken_ports(host, port, engine_port)
     opts = _engine_options(settings, model, "127.0.0.1", engine_port, max_model_len, engine_arg)
@@ -174,7 +175,7 @@ def up(
             f"[green]engine ready[/green]. Gateway: http://{host}:{port}  "
             f"(docs http://{host}:{port}/docs, tasks http://{host}:{port}/v1/tasks)"
         )
-        settings = Settings(**overrides, upstream_url=opts.base_url, model=served)
+        settings = _settings(**overrides, upstream_url=opts.base_url, model=served)
         try:
             _run_gateway(settings)
         except KeyboardInterrupt:
@@ -197,6 +198,18 @@ def _refuse_taken_ports(host: str, port: int, engine_port: int) -> None:
         raise typer.Exit(1)
 
 
+def _settings(**overrides: Any) -> Settings:
+    """Settings from SCANNER_* (and .env) plus the command's flags; a bad value stops
+    the command with one line per problem, not a traceback."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        console.print("[red]invalid settings:[/red]")
+        for line in settings_problems(exc):
+            console.print(f"  {line}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -212,7 +225,7 @@ def serve(
 ) -> None:
     """Run only the gateway, in front of an existing vLLM server."""
     overrides = {k: v for k, v in {"upstream_url": upstream, "host": host, "port": port}.items() if v is not None}
-    _run_gateway(Settings(**overrides), workers=workers)
+    _run_gateway(_settings(**overrides), workers=workers)
 
 
 @app.command()
@@ -338,7 +351,7 @@ def tasks(
     prompts_dir: Annotated[Optional[Path], typer.Option(help="Task directory (default SCANNER_PROMPTS_DIR).")] = None,
 ) -> None:
     """Validate the task files and list them."""
-    settings = Settings(**({"prompts_dir": prompts_dir} if prompts_dir else {}))
+    settings = _settings(**({"prompts_dir": prompts_dir} if prompts_dir else {}))
     for task in _load_registry(settings):
         s = task.spec
         typer.echo(

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, HttpUrl
+from pydantic import Field, HttpUrl, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
@@ -173,10 +173,20 @@ class Settings(BaseSettings):
     def image_worker_count(self) -> int:
         return self.image_workers or min(usable_cpus(), MAX_AUTO_IMAGE_WORKERS)
 
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams_are_urls(cls, value: str) -> str:
+        for url in (u.strip() for u in value.split(",")):
+            if url:
+                try:
+                    HttpUrl(url)
+                except ValidationError:
+                    raise ValueError(f"{url!r} is not an http(s) URL") from None
+        return value
+
     def upstream_urls(self) -> list[str]:
-        urls = [u.strip() for u in self.upstreams.split(",") if u.strip()]
-        checked = [root_url(str(HttpUrl(u))) for u in urls]  # raises on a malformed URL
-        return checked or [root_url(str(self.upstream_url))]
+        urls = [root_url(str(HttpUrl(u.strip()))) for u in self.upstreams.split(",") if u.strip()]
+        return urls or [root_url(str(self.upstream_url))]
 
     def image_url_host_patterns(self) -> list[str]:
         return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
@@ -190,6 +200,18 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
+
+
+def settings_problems(exc: ValidationError) -> list[str]:
+    """One line per bad setting, named as the operator set it (SCANNER_<NAME>), for a
+    startup message instead of a traceback. Values of key settings are not repeated."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = f"SCANNER_{field.upper()}" if field else "settings"
+        shown = "" if "key" in field or "input" not in error else f" (got {error['input']!r})"
+        lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}{shown}")
+    return lines
 
 
 def usable_cpus(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from scanner_gateway.config import Settings
+from scanner_gateway.config import Settings, settings_problems
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,32 @@ def test_single_upstream_url_is_normalised_too():
 
 def test_a_malformed_upstream_stops_startup():
     with pytest.raises(ValidationError):
-        Settings(upstreams="engine:8000 oops").upstream_urls()
+        Settings(upstreams="engine:8000 oops")  # when the settings are read, not later
+
+
+def test_bad_settings_are_named_as_the_operator_set_them(monkeypatch):
+    monkeypatch.setenv("SCANNER_MAX_IN_FLIGHT_PER_REPLICA", "lots")
+    monkeypatch.setenv("SCANNER_UPSTREAMS", "http://engine-0:8000,engine 1")
+    monkeypatch.setenv("SCANNER_UPSTREAM_API_KEY", "s3cret")
+    with pytest.raises(ValidationError) as caught:
+        Settings(port=0)
+    problems = settings_problems(caught.value)
+    assert len(problems) == 3
+    assert any(p.startswith("SCANNER_MAX_IN_FLIGHT_PER_REPLICA: ") and "'lots'" in p for p in problems)
+    assert any(p.startswith("SCANNER_UPSTREAMS: 'engine 1' is not an http(s) URL") for p in problems)
+    assert any(p.startswith("SCANNER_PORT: ") for p in problems)
+    assert "s3cret" not in " ".join(problems)
+
+
+def test_a_command_with_bad_settings_says_what_and_exits_2(monkeypatch):
+    from typer.testing import CliRunner
+
+    from scanner_gateway.cli import app
+
+    monkeypatch.setenv("SCANNER_QUEUE_LIMIT", "-")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 2 and "invalid settings" in result.output
+    assert "SCANNER_QUEUE_LIMIT: " in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize(
