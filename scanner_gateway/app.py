@@ -216,7 +216,7 @@ def _add_middleware(
         )
     elif settings.max_in_flight_per_key:
         log.warning("SCANNER_MAX_IN_FLIGHT_PER_KEY is set but API keys are off: no per-key limit applies")
-    app.add_middleware(ApiKeyAuth, keys=keys)  # before any body is read
+    app.add_middleware(ApiKeyAuth, keys=keys, metrics_need_key=settings.metrics_need_key)  # before any body is read
     if origins := settings.cors_origin_list():
         # Outside the key check: a browser's preflight carries no key.
         app.add_middleware(

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
         "", description="Comma-separated client keys; empty (and no keys file) = auth off."
     )
     api_keys_file: Path | None = Field(None, description="File with one client key per line.")
+    metrics_need_key: bool = Field(
+        False, description="With API keys on, /metrics needs a key too (the scraper sends one)."
+    )
     max_in_flight_per_key: int = Field(
         0, ge=0, description="Scan and completion requests one API key may have open at once (more get "
         "429 key_over_limit), so one store's runaway client cannot fill the queue for all; 0 = no limit. "

@@ -18,6 +18,7 @@ from scanner_gateway.errors import Unauthorized, error_response
 # (no secrets there; scrapers rarely hold keys; the page and the docs' "Authorize"
 # button ask for a key before calling the API, and a browser cannot send one to load them).
 OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+METRICS_PATH = "/metrics"
 DOCS_ASSETS_PATH = "/docs-assets"
 OPEN_PREFIXES = ("/ui/", DOCS_ASSETS_PATH + "/")
 
@@ -36,13 +37,16 @@ def client_scope(authorization: str | None) -> str:
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], *, metrics_need_key: bool = False) -> None:
         self.app = app
         self.keys = tuple(keys)
+        # A gateway reachable from the internet may keep its traffic figures and replica
+        # addresses (metric labels) to key holders; the scraper then sends a key too.
+        self.open_paths = OPEN_PATHS - {METRICS_PATH} if metrics_need_key else OPEN_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

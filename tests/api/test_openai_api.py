@@ -291,6 +291,15 @@ def test_auth_protects_every_api_route_but_probes_page_and_docs(auth_client):
         assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
 
 
+def test_metrics_can_need_a_key_too(settings, fake_engine):
+    keyed = settings.model_copy(update={"api_keys": "store-key", "metrics_need_key": True})
+    with TestClient(create_app(keyed)) as c:
+        assert_error(c.get("/metrics"), 401, "invalid_api_key")
+        scraped = c.get("/metrics", headers={"Authorization": "Bearer store-key"})
+        assert scraped.status_code == 200 and "scanner_requests_total" in scraped.text
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200  # probes stay open
+
+
 def test_openapi_declares_the_bearer_key_when_keys_are_on(auth_client, client):
     spec = auth_client.get("/openapi.json").json()  # open: the docs page loads it before "Authorize"
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
