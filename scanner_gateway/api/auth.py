@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer <key>` on every API route (probes, metrics, page and docs stay open).
+"""API keys: `Authorization: Bearer <key>` on every API route (probes, page and docs stay open; metrics too unless SCANNER_METRICS_NEED_KEY).
 
 Off when no key is configured. Comparison is constant-time against every key, and keys
 never appear in logs or error messages.
