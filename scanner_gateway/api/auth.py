@@ -17,8 +17,8 @@ from scanner_gateway.errors import Unauthorized, error_response
 # Probes, the Prometheus scrape, the web page's static files and the API docs stay open
 # (no secrets there; scrapers rarely hold keys; the page and the docs' "Authorize"
 # button ask for a key before calling the API, and a browser cannot send one to load them).
-OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 METRICS_PATH = "/metrics"
+OPEN_PATHS = frozenset({"/", "/health", "/ready", METRICS_PATH, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 DOCS_ASSETS_PATH = "/docs-assets"
 OPEN_PREFIXES = ("/ui/", DOCS_ASSETS_PATH + "/")
 
