@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shlex
 import signal
 from pathlib import Path
@@ -28,6 +29,7 @@ from scanner_gateway.engine.launcher import (
     engine_command,
     engine_env,
     port_taken,
+    refuse_media_policy_flags,
     vllm_executable,
 )
 from scanner_gateway.scan.tasks import TaskConfigError, TaskRegistry
@@ -38,6 +40,13 @@ console = Console(stderr=True)
 
 # The dev model's context: its largest prompt (4 images x 1200 tokens) plus a retried answer.
 DEV_MAX_MODEL_LEN = 20480
+# `up` stops within 10 s of SIGTERM: `docker stop`'s default grace, the shortest of the
+# usual supervisors' (Kubernetes 30 s, systemd 90 s). Its parts, unless the operator set
+# them: no drain (one `up` box sits behind no balancer that would read its /ready),
+# in-flight requests get 4 s, then the engine 3 s before SIGKILL.
+UP_STOP_BOUND_S = 10.0
+UP_STOP_DEFAULTS = {"drain_s": 0.0, "graceful_timeout_s": 4.0}
+UP_ENGINE_STOP_GRACE_S = 3.0
 
 
 def _print_version(value: bool) -> None:
@@ -87,6 +96,11 @@ def _engine_options(
     engine_arg: list[str] | None,
 ) -> EngineOptions:
     """vLLM options sized for our task files; the dev model (built on first use) by default."""
+    try:
+        refuse_media_policy_flags(engine_arg or [])
+    except EngineStartError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     registry = _load_registry(settings)
     if model is None:
         model_path = str(ensure_dev_model(cache_dir() / "dev-model"))
@@ -153,13 +167,17 @@ def up(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = _settings(**overrides)
+    overrides.update({k: v for k, v in UP_STOP_DEFAULTS.items() if k not in settings.model_fields_set})
+    # The engine answers only the gateway: a key of this run's own unless one is set.
+    overrides["upstream_api_key"] = settings.upstream_api_key or secrets.token_urlsafe(24)
+    settings = _settings(**overrides)
     host, port = settings.host, settings.port
     _refuse_taken_ports(host, port, engine_port)
     opts = _engine_options(settings, model, "127.0.0.1", engine_port, max_model_len, engine_arg)
     model_path, served = opts.model, opts.served_model_name
     log_path = cache_dir() / "logs" / f"vllm-{engine_port}.log"
     try:
-        engine = ManagedEngine(opts, log_path)
+        engine = ManagedEngine(opts, log_path, stop_grace_s=UP_ENGINE_STOP_GRACE_S)
     except EngineStartError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc

