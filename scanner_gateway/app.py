@@ -35,6 +35,7 @@ from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.client import EngineClient, build_session
 from scanner_gateway.upstream.passthrough import RELAYED_PATHS, ChatPassthrough, ChatRelay
 from scanner_gateway.upstream.pool import ReplicaPool
+from scanner_gateway.upstream.relay_media import RelayMedia
 from scanner_gateway.upstream.routing import build_policy
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ def _lifespan(
         app.state.registry = registry
         app.state.pool = pool
         app.state.admission = admission
-        app.state.chat_relay = ChatRelay(pool, admission, settings.chat_priority, settings.engine_priorities)
+        app.state.chat_relay = ChatRelay(
+            pool, admission, settings.chat_priority, settings.engine_priorities,
+            RelayMedia(image_fetcher, settings.relay_media_kind_set(), max_urls=registry.most_images()),
+        )
         app.state.scan_service = ScanService(
             registry,
             normalizer,
@@ -166,21 +170,18 @@ def _lifespan(
             normalizer.close()
             await pool.close()
             await session.close()
-            if image_fetcher is not None:
-                await image_fetcher.client.aclose()
+            await image_fetcher.client.aclose()
 
     return lifespan
 
 
-def _image_fetcher(settings: Settings) -> ImageFetcher | None:
-    """Only where the operator allowed image hosts (SCANNER_IMAGE_URL_HOSTS)."""
-    hosts = settings.image_url_host_patterns()
-    if not hosts:
-        return None
+def _image_fetcher(settings: Settings) -> ImageFetcher:
+    """The one image-URL policy of every route: scans and relayed requests fetch only from
+    SCANNER_IMAGE_URL_HOSTS (none by default: then it refuses every URL, naming its host)."""
     return ImageFetcher(
         # Its own client: image hosts are the internet's, with other timeouts than the engines.
         httpx.AsyncClient(timeout=settings.image_fetch_timeout_s),
-        hosts,
+        settings.image_url_host_patterns(),
         max_bytes=settings.max_image_bytes,
         timeout_s=settings.image_fetch_timeout_s,
         max_active=settings.image_fetch_max_active,

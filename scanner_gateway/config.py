@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
 from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
+from scanner_gateway.upstream.relay_media import MEDIA_KINDS
 from scanner_gateway.upstream.routing import PolicyName
 
 # Generation on a busy engine takes minutes; HTTP clients' defaults (5 s) are far too short.
@@ -114,6 +115,10 @@ class Settings(BaseSettings):
         "", description="Comma-separated hosts (fnmatch patterns, e.g. *.s3.amazonaws.com) whose "
         "http(s) image URLs scans may name; empty = image URLs refused (the gateway fetches nothing)."
     )
+    relay_media_kinds: str = Field(
+        "image", description="Comma-separated media kinds relayed OpenAI requests may carry: image, "
+        "video, audio, file, embeds. The product serves images; the rest get 400 unless listed here."
+    )
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Overall limit of one image URL fetch.")
     image_fetch_max_active: int = Field(
         DEFAULT_MAX_ACTIVE_FETCHES, ge=1,
@@ -191,6 +196,17 @@ class Settings(BaseSettings):
         urls = [root_url(str(HttpUrl(u.strip()))) for u in self.upstreams.split(",") if u.strip()]
         return urls or [root_url(str(self.upstream_url))]
 
+    @field_validator("relay_media_kinds")
+    @classmethod
+    def _known_media_kinds(cls, value: str) -> str:
+        unknown = set(_split(value)) - set(MEDIA_KINDS)
+        if unknown:
+            raise ValueError(f"unknown media kind(s) {sorted(unknown)}; known: {', '.join(MEDIA_KINDS)}")
+        return value
+
+    def relay_media_kind_set(self) -> frozenset[str]:
+        return frozenset(_split(self.relay_media_kinds))
+
     def image_url_host_patterns(self) -> list[str]:
         return [h.strip() for h in self.image_url_hosts.split(",") if h.strip()]
 
@@ -203,6 +219,10 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip().lower() for item in value.split(",") if item.strip()]
 
 
 def settings_problems(exc: ValidationError) -> list[str]:

@@ -107,6 +107,13 @@ class ImageFetchFailed(ClientError):
     code = "image_fetch_failed"
 
 
+class MediaKindRefused(ClientError):
+    """A relayed request carries a kind of media (video, audio, files, embeddings) the
+    operator has not turned on."""
+
+    code = "media_kind_not_allowed"
+
+
 class UnknownTask(ClientError):
     status = 404
     code = "unknown_task"

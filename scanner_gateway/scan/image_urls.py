@@ -43,6 +43,16 @@ class ImageFetcher:
         self.max_active = max_active
         self.active = 0
 
+    def allowed_url(self, ref: str, param: str) -> httpx.URL:
+        """`ref` parsed, if it is an http(s) URL on a host the operator allows; else a 400
+        that names the host (never the URL: presigned URLs carry credentials)."""
+        try:
+            url = httpx.URL(ref)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise InvalidRequest(f"image URL is malformed: {exc}", param=param) from exc
+        self._check(url, param)
+        return url
+
     def _check(self, url: httpx.URL, param: str) -> None:
         host = url.host.lower()
         if url.scheme not in ("http", "https") or not any(fnmatch.fnmatchcase(host, p) for p in self.allowed_hosts):
@@ -54,10 +64,11 @@ class ImageFetcher:
 
     async def fetch(self, ref: str, *, param: str = "image") -> bytes:
         """The bytes behind an http(s) image URL. Raises 4xx gateway errors only."""
-        try:
-            url = httpx.URL(ref)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise InvalidRequest(f"image URL is malformed: {exc}", param=param) from exc
+        return (await self.fetch_media(ref, param=param))[0]
+
+    async def fetch_media(self, ref: str, *, param: str) -> tuple[bytes, str]:
+        """The bytes behind an http(s) media URL and the media type its host declared."""
+        url = self.allowed_url(ref, param)
         if self.active >= self.max_active:
             raise Overloaded(f"gateway overloaded ({self.active} image URL downloads running, its limit); "
                              "retry in 1 s", param=param)
@@ -67,7 +78,7 @@ class ImageFetcher:
         finally:
             self.active -= 1
 
-    async def _fetch(self, url: httpx.URL, param: str) -> bytes:
+    async def _fetch(self, url: httpx.URL, param: str) -> tuple[bytes, str]:
         try:
             async with asyncio.timeout(self.timeout_s):
                 for _ in range(MAX_REDIRECTS + 1):
@@ -87,7 +98,7 @@ class ImageFetcher:
             ) from exc
         raise ImageFetchFailed(f"image URL redirected more than {MAX_REDIRECTS} times", param=param)
 
-    async def _body(self, response: httpx.Response, param: str) -> bytes:
+    async def _body(self, response: httpx.Response, param: str) -> tuple[bytes, str]:
         host = response.url.host
         if response.status_code != 200:
             raise ImageFetchFailed(f"image URL (host {host!r}) answered HTTP {response.status_code}", param=param)
@@ -101,4 +112,4 @@ class ImageFetcher:
             if size > self.max_bytes:
                 raise ImageTooLarge(f"image URL holds more than the limit of {self.max_bytes} bytes", param=param)
             chunks.append(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), response.headers.get("content-type", "")

@@ -126,10 +126,10 @@ class ScanService:
         async def fetched(data: bytes | str, param: str) -> bytes | str:
             return await fetcher.fetch(data, param=param) if is_image_url(data) else data
 
-        return await _all_or_first_error(fetched(data, _image_param(i, images)) for i, data in enumerate(images))
+        return await all_or_first_error(fetched(data, _image_param(i, images)) for i, data in enumerate(images))
 
     async def _normalize_all(self, task: Task, images: Sequence[bytes | str]) -> list[NormalizedImage]:
-        return await _all_or_first_error(
+        return await all_or_first_error(
             self.normalizer.normalize(data, task.budget, param=_image_param(i, images))
             for i, data in enumerate(images)
         )
@@ -268,7 +268,7 @@ def _image_param(index: int, images: Sequence[bytes | str]) -> str:
     return f"image[{index}]" if len(images) > 1 else "image"
 
 
-async def _all_or_first_error(work: Iterable[Awaitable[T]]) -> list[T]:
+async def all_or_first_error(work: Iterable[Awaitable[T]]) -> list[T]:
     """Every result, or the first error once all have ended (none is left running)."""
     results = await asyncio.gather(*work, return_exceptions=True)
     for outcome in results:

@@ -29,6 +29,13 @@ from scanner_gateway.admission import (
 )
 from scanner_gateway.errors import GatewayError, error_response, log_if_server_side
 from scanner_gateway.upstream.pool import ReplicaPool
+from scanner_gateway.upstream.relay_media import (
+    MEDIA_MARK_FIRST_BYTES,
+    RelayMedia,
+    may_carry_media,
+    opens_media_mark,
+    unusual_encoding,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -45,18 +52,40 @@ _JSON_SPACE = (b" ", b"\t", b"\r", b"\n")
 _SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
 
 
-def may_name_scan_model(body: bytes) -> bool:
-    """Cheap pre-check, no parse: False means the body surely names no scan model.
+NAMES_SCAN_MODEL, MAY_CARRY_MEDIA = 1, 2
+# What a string's first byte may open, indexed by the byte: the loop below looks up one
+# int per string instead of comparing prefixes for each.
+_OPENS = tuple(
+    NAMES_SCAN_MODEL if byte == _SCAN_MODEL_STARTS[0][0] else MAY_CARRY_MEDIA if byte in MEDIA_MARK_FIRST_BYTES else 0
+    for byte in range(256)
+)
 
-    Visits only the string openings: a quote is found with memchr, and a 100 KB base64
-    image holds none, so this costs ~8 us where `b'"scan/' in body` cost ~80 us.
+
+def body_marks(body: bytes) -> int:
+    """Cheap pre-check, no parse: which of NAMES_SCAN_MODEL and MAY_CARRY_MEDIA the body
+    may deserve; a mark left out means the body surely does not.
+
+    Visits only the string openings (and closings): a quote is found with memchr, and a
+    100 KB base64 image holds none, so this costs ~8 us where `b'"scan/' in body` cost
+    ~80 us. One pass for both marks: a second one would cost as much again.
     """
+    marks = MAY_CARRY_MEDIA if unusual_encoding(body) else 0
     quote = body.find(b'"')
-    while quote != -1:
-        if body.startswith(_SCAN_MODEL_STARTS, quote + 1):
-            return True
-        quote = body.find(b'"', quote + 1)
-    return False
+    last = len(body) - 1
+    while quote != -1 and quote < last:
+        start = quote + 1
+        opens = _OPENS[body[start]]
+        if opens == NAMES_SCAN_MODEL:
+            if body.startswith(_SCAN_MODEL_STARTS, start):
+                marks |= NAMES_SCAN_MODEL
+        elif opens and opens_media_mark(body, start):
+            marks |= MAY_CARRY_MEDIA
+        quote = body.find(b'"', start)
+    return marks
+
+
+def may_name_scan_model(body: bytes) -> bool:
+    return bool(body_marks(body) & NAMES_SCAN_MODEL)
 
 
 def with_priority(body: bytes, priority: int) -> bytes:
@@ -76,7 +105,8 @@ def with_priority(body: bytes, priority: int) -> bytes:
 
 
 class ChatRelay:
-    """Relays (chat) completion requests to the pool, under admission control and priorities."""
+    """Relays (chat) completion requests to the pool, under admission control and
+    priorities, their media held to the gateway's URL policy (`relay_media.py`)."""
 
     def __init__(
         self,
@@ -84,11 +114,13 @@ class ChatRelay:
         admission: AdmissionController,
         default_priority: PriorityClass,
         engine_priorities: Mapping[PriorityClass, int] | None,
+        media: RelayMedia,
     ) -> None:
         self.pool = pool
         self.admission = admission
         self.default_priority = default_priority
         self.engine_priorities = engine_priorities
+        self.media = media
 
     async def __call__(
         self,
@@ -98,9 +130,14 @@ class ChatRelay:
         receive: Receive,
         send: Send,
         path: str = CHAT_PATH,
+        carries_media: bool | None = None,
     ) -> None:
+        """`carries_media`: the body's MAY_CARRY_MEDIA mark, where the caller has it."""
         try:
             klass = parse_priority(priority_header, self.default_priority)
+            if may_carry_media(body) if carries_media is None else carries_media:
+                self.admission.check(klass)  # an overloaded gateway refuses before downloading
+                body = await self.media.vetted(body)
             async with self.admission.slot(klass):
                 if self.engine_priorities is not None:
                     body = with_priority(body, self.engine_priorities[klass])
@@ -221,7 +258,8 @@ class ChatPassthrough:
         if body is None:
             return
         path = scope["path"]
-        if path in SCAN_MODEL_PATHS and may_name_scan_model(body):
+        marks = body_marks(body)
+        if marks & NAMES_SCAN_MODEL and path in SCAN_MODEL_PATHS:
             await self.app(scope, replay(body, receive), send)
             return
         content_type, priority = "", None
@@ -230,4 +268,6 @@ class ChatPassthrough:
                 content_type = value.decode("latin-1")
             elif name == _PRIORITY_HEADER:
                 priority = value.decode("latin-1")
-        await scope["app"].state.chat_relay(body, content_type, priority, receive, send, path)
+        await scope["app"].state.chat_relay(
+            body, content_type, priority, receive, send, path, carries_media=bool(marks & MAY_CARRY_MEDIA)
+        )
