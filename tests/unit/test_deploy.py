@@ -123,3 +123,40 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck():
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER gateway$", text, re.M) and "HEALTHCHECK" in text and "/health" in text
     assert 'CMD ["scanner-gateway", "serve"]' in text
+
+
+def test_every_engine_we_start_fetches_no_media_and_answers_the_gateway_only():
+    from scanner_gateway.engine.launcher import NO_MEDIA_HOST, engine_command, engine_env, EngineOptions
+
+    media_flag = f"--allowed-media-domains={NO_MEDIA_HOST}"
+    launcher = engine_command(EngineOptions(model="/m"), "vllm")
+    assert launcher[launcher.index("--allowed-media-domains") + 1] == NO_MEDIA_HOST  # `up`, `engine`, bench
+    assert engine_env("/m", base={})["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    gpu = services["vllm"]
+    assert media_flag in gpu["command"] and gpu["environment"]["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+    assert gpu["environment"]["VLLM_API_KEY"] == services["gateway"]["environment"]["SCANNER_UPSTREAM_API_KEY"]
+    assert services["vllm-cpu"]["environment"]["SCANNER_UPSTREAM_API_KEY"] == gpu["environment"]["VLLM_API_KEY"]
+    assert "scanner-gateway\", \"engine\"" in (ROOT / "deploy/docker/engine-cpu.Dockerfile").read_text()
+    for engine in ("vllm", "vllm-cpu"):
+        assert "ports" not in services[engine]  # reachable from the compose network only
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for p in MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d}
+    vllm = docs[("StatefulSet", "vllm")]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in vllm["env"]}
+    assert media_flag in vllm["args"] and env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"]["value"] == "0"
+    gateway = docs[("Deployment", "scanner-gateway")]["spec"]["template"]["spec"]["containers"][0]
+    gateway_env = {e["name"]: e for e in gateway["env"]}
+    assert env["VLLM_API_KEY"]["valueFrom"] == gateway_env["SCANNER_UPSTREAM_API_KEY"]["valueFrom"]
+    policy = docs[("NetworkPolicy", "vllm")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app": "vllm"} and policy["policyTypes"] == ["Ingress"]
+    allowed = [peer.get("podSelector", {}).get("matchLabels") for rule in policy["ingress"] for peer in rule["from"]]
+    assert {"app": "scanner-gateway"} in allowed
+
+    readme = (ROOT / "README.md").read_text()
+    serve = re.search(r"[^\n]*vllm serve Ostrakon.*?\n(?=\S)", re.sub(r"\\\n\s*", " ", readme)).group(0)
+    assert f"--allowed-media-domains {NO_MEDIA_HOST}" in serve and "--api-key" in serve
+    assert "VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in serve
+    for text in (serve, (ROOT / "compose.yaml").read_text(), *(p.read_text() for p in MANIFESTS)):
+        assert "--allowed-local-media-path" not in text
