@@ -189,8 +189,16 @@ class ManagedEngine:
 
     @property
     def pid(self) -> int | None:
-        """The engine's tether: `vllm serve` and its workers are its descendants."""
-        return None if self._proc is None else self._proc.pid
+        """The `vllm serve` (API server) process, its engine core a child of it; the
+        tether's own pid until the tether has started it (or where /proc cannot tell)."""
+        if self._proc is None:
+            return None
+        tether = self._proc.pid
+        try:
+            children = Path(f"/proc/{tether}/task/{tether}/children").read_text().split()
+        except OSError:
+            children = []
+        return int(children[0]) if children else tether
 
     @property
     def exit_code(self) -> int | None:

@@ -80,7 +80,7 @@ def test_an_engine_killed_takes_its_workers_with_it(tmp_path):
     engine = ManagedEngine(EngineOptions(model=str(tmp_path)), tmp_path / "engine.log", command=stand_in(tmp_path))
     engine.start()
     api, worker = stand_in_pids(tmp_path)
-    assert engine.exit_code is None
+    assert engine.exit_code is None and engine.pid == api  # the engine's API process, not its tether
     os.kill(api, signal.SIGKILL)
     wait_for(lambda: not _alive(worker), "the orphaned worker outlived its API process")
     wait_for(lambda: engine.exit_code is not None, "the tether did not report the engine's end")
