@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
 from scanner_gateway.admission import PRIORITY_CLASSES, AdmissionController, PriorityClass
+from scanner_gateway.concurrency import all_or_first_error
 from scanner_gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -27,8 +28,6 @@ from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
 from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
 from scanner_gateway.upstream.pool import ReplicaPool
-
-T = TypeVar("T")
 
 # A truncated or invalid answer is retried once with this much more room.
 RETRY_TOKEN_FACTOR = 2
@@ -266,15 +265,6 @@ class ScanService:
 
 def _image_param(index: int, images: Sequence[bytes | str]) -> str:
     return f"image[{index}]" if len(images) > 1 else "image"
-
-
-async def all_or_first_error(work: Iterable[Awaitable[T]]) -> list[T]:
-    """Every result, or the first error once all have ended (none is left running)."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    for outcome in results:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return results  # type: ignore[return-value]
 
 
 def _add_usage(total: ScanUsage, completion: ChatCompletion) -> None:

@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from scanner_gateway.concurrency import all_or_first_error
 from scanner_gateway.errors import InvalidRequest, MediaKindRefused, echo
 from scanner_gateway.scan.image_urls import ImageFetcher, is_image_url
-from scanner_gateway.scan.service import all_or_first_error
 
 MEDIA_KINDS = ("image", "video", "audio", "file", "embeds")
 DEFAULT_MEDIA_KINDS = ("image",)
