@@ -32,7 +32,6 @@ from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.relay_media import (
     MEDIA_MARK_FIRST_BYTES,
     RelayMedia,
-    may_carry_media,
     opens_media_mark,
     unusual_encoding,
 )
@@ -135,7 +134,9 @@ class ChatRelay:
         """`carries_media`: the body's MAY_CARRY_MEDIA mark, where the caller has it."""
         try:
             klass = parse_priority(priority_header, self.default_priority)
-            if may_carry_media(body) if carries_media is None else carries_media:
+            if carries_media is None:
+                carries_media = bool(body_marks(body) & MAY_CARRY_MEDIA)
+            if carries_media:
                 self.admission.check(klass)  # an overloaded gateway refuses before downloading
                 body = await self.media.vetted(body)
             async with self.admission.slot(klass):

@@ -17,8 +17,9 @@ Media kinds the product does not serve (video, audio, files, raw embeddings) are
 unless the operator lists them in `SCANNER_RELAY_MEDIA_KINDS`.
 
 Most relayed bodies carry no URL, and parsing a 100 KB body costs more than the whole
-relay: `may_carry_media` looks at the first bytes of each JSON string only and lets a
-body through unparsed when none of them could start a URL or name a refused kind.
+relay: the relay's one pre-check pass (`passthrough.body_marks`) looks at the first bytes
+of each JSON string with `opens_media_mark` and lets a body through unparsed when none
+of them could start a URL or name a refused kind.
 """
 
 from __future__ import annotations
@@ -60,23 +61,6 @@ _MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
 _OFF_LOOP_BYTES = 256 * 1024
 
 
-def may_carry_media(body: bytes) -> bool:
-    """Cheap pre-check, no parse: False means no string in the body can be a media URL
-    or name a media kind the gateway refuses.
-
-    Visits every quote (memchr), so every string's opening; a 100 KB base64 image holds
-    none. (The relay's fast path does the same in one pass with its scan-model check.)
-    """
-    if unusual_encoding(body):
-        return True
-    quote = body.find(b'"')
-    while quote != -1:
-        if opens_media_mark(body, quote + 1):
-            return True
-        quote = body.find(b'"', quote + 1)
-    return False
-
-
 def unusual_encoding(body: bytes) -> bool:
     """JSON in UTF-16/32, which Python's parser (vLLM's too) accepts: its letters sit
     between NUL bytes where no byte search sees them, so such a body is always parsed."""
@@ -112,7 +96,7 @@ class RelayMedia:
         self.max_urls = max_urls
 
     async def vetted(self, body: bytes) -> bytes:
-        """The body to forward in place of one that `may_carry_media`: re-encoded after
+        """The body to forward in place of one marked MAY_CARRY_MEDIA: re-encoded after
         its media were checked, every URL replaced by a data URL of the bytes fetched here
         (re-encoded even with none, so the engine parses exactly what was checked). Raises
         4xx gateway errors (a refused host or kind, a failed fetch) or 429."""
@@ -134,10 +118,13 @@ class RelayMedia:
                         "operator can allow more kinds with SCANNER_RELAY_MEDIA_KINDS", param=param,
                     )
             for key in _URL_KEYS:
-                holder, url_key = _url_holder(part, key)
-                url = holder.get(url_key) if holder is not None else None
-                if not isinstance(url, str) or url[:5].lower() == "data:":
-                    continue  # data URLs are the bytes themselves; anything else the engine refuses
+                found = _url_at(part, key)
+                if found is None:
+                    continue  # no URL: nothing to fetch; a malformed part the engine refuses
+                holder, url_key = found
+                url = holder[url_key]
+                if url[:5].lower() == "data:":
+                    continue  # the bytes themselves
                 where = f"{param}.{key}"
                 if not is_image_url(url):
                     raise InvalidRequest(
@@ -178,13 +165,13 @@ def _kinds_of(part: dict[str, Any]) -> set[str]:
     return kinds
 
 
-def _url_holder(part: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
-    """The dict and key holding `part[key]`'s URL: `part` itself for a string (the
-    Responses API's `image_url`), or the nested `{"url": ...}` of Chat Completions."""
-    value = part.get(key)
+def _url_at(part: dict[str, Any], key: str) -> tuple[dict[str, Any], str] | None:
+    """Where `part[key]`'s URL string sits: in `part` itself (the Responses API's
+    `image_url` string) or in the nested `{"url": ...}` of Chat Completions."""
+    holder, value = part, part.get(key)
     if isinstance(value, dict):
-        return value, "url"
-    return (part, key) if isinstance(value, str) else (None, key)
+        holder, key, value = value, "url", value.get("url")
+    return (holder, key) if isinstance(value, str) else None
 
 
 def _parse(body: bytes) -> Any:
