@@ -7,9 +7,12 @@ SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never do
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -21,6 +24,20 @@ from scanner_gateway.scan.tasks import TaskRegistry
 from tests.helpers import free_port, serve_in_thread
 
 ENGINE_STARTUP_TIMEOUT_S = 900
+
+
+def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+    """Until a stack started as `proc` answers /ready (its log's tail if it exits first)."""
+    deadline = time.monotonic() + ENGINE_STARTUP_TIMEOUT_S
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "stack never became ready"
+        time.sleep(1)
 
 
 

@@ -13,13 +13,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import ENGINE_STARTUP_TIMEOUT_S
+from tests.e2e.conftest import wait_ready
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -65,16 +64,7 @@ def test_make_up_then_readme_examples_then_ctrl_c(tmp_path, dev_model_dir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ENGINE_STARTUP_TIMEOUT_S
-        while True:
-            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "stack never became ready"
-            time.sleep(1)
+        wait_ready(up, base, tmp_path / "up.log")
 
         venv_bin = str(Path(sys.executable).parent)
         for command in commands:

@@ -18,7 +18,7 @@ import pytest
 
 from scanner_gateway.cli import UP_STOP_BOUND_S
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, port_taken
-from tests.e2e.conftest import ENGINE_STARTUP_TIMEOUT_S
+from tests.e2e.conftest import wait_ready
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -49,16 +49,7 @@ def up_stack(tmp_path: Path, dev_model_dir: Path) -> Iterator[UpStack]:
                                 env={**os.environ, "SCANNER_CACHE_DIR": str(cache)}, stdout=out, stderr=subprocess.STDOUT)
     stack = UpStack(proc, port, engine_port, log)
     try:
-        deadline = time.monotonic() + ENGINE_STARTUP_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "up never became ready"
-            time.sleep(1)
+        wait_ready(proc, f"http://127.0.0.1:{port}", log)
         yield stack
     finally:
         for process in stack.processes() if proc.poll() is None else []:
