@@ -42,11 +42,13 @@ def _die_with_parent() -> None:
 
 
 def run(grace_s: float, command: list[str]) -> int:
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
     # Its own process group, so that killpg reaches the engine's workers and not us.
     engine = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    # Only now: a signal during Popen must not leave a started engine behind an exception
+    # (until here SIGTERM just ends us, and the engine with us by its PDEATHSIG).
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     try:
         while engine.poll() is None:
             readable, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
