@@ -183,7 +183,7 @@ class ManagedEngine:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=engine_env(self.opts.model),
-            start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the engine
+            start_new_session=True,  # not the terminal's Ctrl-C: that reaches us, and we stop the engine
         )
         log.close()
 
