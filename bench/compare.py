@@ -184,7 +184,8 @@ async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: f
 
     The steady window runs from the moment every client has had its first answer (the
     start-up ramp is over) to the end of the level; requests still running then finish
-    and count in the latencies, not in the throughput. None: the window was too short.
+    and count in the latencies, not in the throughput. None: the window was too short
+    or held fewer answers than clients.
     """
     latencies: list[float] = []
     answered_at: list[float] = []
@@ -213,9 +214,12 @@ async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: f
                 i += concurrency
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
     steady_from = max(first_answer) if len(first_answer) == concurrency else stop
-    if stop - steady_from < seconds / 4:
+    in_window = sum(steady_from < t <= stop for t in answered_at)
+    # Fewer answers than clients in the window is too coarse a count to call a rate
+    # (a slow engine on a short level can land none at all).
+    if stop - steady_from < seconds / 4 or in_window < concurrency:
         return latencies, errors, None
-    return latencies, errors, sum(steady_from < t <= stop for t in answered_at) / (stop - steady_from)
+    return latencies, errors, in_window / (stop - steady_from)
 
 
 async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> tuple[Counter, list[float], float]:

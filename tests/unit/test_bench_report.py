@@ -50,3 +50,22 @@ def test_a_12_mp_only_run_reports_the_same_budget_view_as_not_run(tmp_path):
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
     compare.write_report(_report(False, overload_pending=False), {}, designed, tmp_path / "run")
     assert "No 10x runs (--no-overload)." in (tmp_path / "run.md").read_text()
+
+
+def test_a_steady_window_with_fewer_answers_than_clients_is_no_rate():
+    """A slow engine on a short level answers each client once and then nothing inside
+    the window: that is no measured rate (a 0 answers/s would drop the round's pair)."""
+    import asyncio
+
+    calls = 0
+
+    async def first_fast_then_past_the_level(client, i):
+        nonlocal calls
+        calls += 1
+        if i >= 2:  # every client's second request outlives the level
+            await asyncio.sleep(1.0)
+        return 200
+
+    latencies, errors, steady = asyncio.run(compare.closed_loop(first_fast_then_past_the_level, 2, 0.5, 5))
+    assert steady is None
+    assert errors == 0 and len(latencies) == calls == 4
