@@ -31,8 +31,9 @@ def logging_config(level: str = "INFO") -> dict[str, Any]:
         "formatters": {
             "json": {
                 "()": "pythonjsonlogger.json.JsonFormatter",
-                "fmt": "%(levelname)s %(name)s %(message)s %(request_id)s",
-                "rename_fields": {"levelname": "level", "name": "logger"},
+                "fmt": "%(levelname)s %(name)s %(message)s %(request_id)s %(process)d",
+                # pid: which of `serve --workers N` wrote the line
+                "rename_fields": {"levelname": "level", "name": "logger", "process": "pid"},
                 "timestamp": "time",  # ISO 8601 in UTC with microseconds, which log shippers parse as-is
                 "reserved_attrs": _NOT_LOGGED,
             }

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from scanner_gateway.admission import PRIORITY_CLASSES, AdmissionController, PriorityClass
 from scanner_gateway.concurrency import all_or_first_error
 from scanner_gateway.errors import (
+    ClientClosedRequest,
     GatewayError,
     InvalidRequest,
     ModelOutputInvalid,
@@ -89,8 +90,9 @@ class ScanService:
         # None: the engine runs without --scheduling-policy priority; send no priority.
         self.engine_priorities = engine_priorities
         self.request_timeout_s = request_timeout_s
-        self.idempotency = idempotency or IdempotencyCache()
-        self.metrics = metrics or GatewayMetrics()
+        # Not `or`: an empty cache is falsy (it has a length).
+        self.idempotency = idempotency if idempotency is not None else IdempotencyCache()
+        self.metrics = metrics if metrics is not None else GatewayMetrics()
         # None: image URLs are refused (SCANNER_IMAGE_URL_HOSTS unset).
         self.image_fetcher = image_fetcher
 
@@ -210,7 +212,7 @@ class ScanService:
             self.metrics.scans.labels(task.name, err.code).inc()
             raise
         except asyncio.CancelledError:
-            self.metrics.scans.labels(task.name, "client_gone").inc()
+            self.metrics.scans.labels(task.name, ClientClosedRequest.code).inc()
             raise
         self.metrics.scans.labels(task.name, "ok").inc()
         self.metrics.preprocess_seconds.labels(task.name).observe(result.timings_ms.preprocess / 1000)

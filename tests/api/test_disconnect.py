@@ -42,6 +42,6 @@ def test_scan_is_cancelled_when_the_client_leaves(settings, fake_engine, body_ti
             logging.getLogger("uvicorn.error").removeHandler(server_log)
     # A client hanging up is routine on store networks: no "Exception in ASGI application".
     assert not [m for m in server_log.messages if "Exception" in m], server_log.messages
-    assert value(metrics, "scanner_scans_total", task="storefront", outcome="client_gone") == 1
+    assert value(metrics, "scanner_scans_total", task="storefront", outcome="client_closed_request") == 1
     assert value(metrics, "scanner_admission_in_flight") == 0
     assert value(metrics, "scanner_requests_total", route="/v1/scan", method="POST", status="499") == 1

@@ -128,5 +128,5 @@ def test_leaving_a_scan_stream_cancels_the_scan(settings, fake_engine, quick_kee
             assert first.startswith("data: {")  # the role chunk: the stream is open, the engine busy
         time.sleep(0.5)  # the engine would still be "generating" for seconds
         metrics = httpx.get(f"{url}/metrics").text
-    assert value(metrics, "scanner_scans_total", task="storefront", outcome="client_gone") == 1
+    assert value(metrics, "scanner_scans_total", task="storefront", outcome="client_closed_request") == 1
     assert value(metrics, "scanner_admission_in_flight") == 0

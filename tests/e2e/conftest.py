@@ -7,10 +7,13 @@ SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never do
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,3 +84,25 @@ def gateway_url(engine: ManagedEngine) -> Iterator[str]:
     """The gateway on a real socket (uvicorn in a thread): for SDKs and streaming."""
     with serve_in_thread(create_app(Settings(upstream_url=engine.base_url))) as url:
         yield url
+
+
+@pytest.fixture
+def gateway_with(engine: ManagedEngine) -> Callable[..., AbstractContextManager[str]]:
+    """A gateway of its own (uvicorn in a thread) in front of the session's engine, with
+    these settings changed: `with gateway_with(max_in_flight_per_replica=1) as url:`."""
+    @contextmanager
+    def start(**overrides: Any) -> Iterator[str]:
+        with serve_in_thread(create_app(Settings(upstream_url=engine.base_url, **overrides))) as url:
+            yield url
+    return start
+
+
+@pytest.fixture(scope="session")
+def long_task_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped tasks plus `long_count`, whose schema makes the engine write ~4000
+    tokens (seconds of work on the dev engine): for tests that need a scan still running."""
+    folder = tmp_path_factory.mktemp("prompts")
+    for task_file in default_prompts_dir().glob("*.yaml"):
+        shutil.copy(task_file, folder)
+    shutil.copy(Path(__file__).with_name("long_count.yaml"), folder)
+    return folder

@@ -1,0 +1,74 @@
+"""Admission in front of the real engine: 429 with Retry-After, priorities, per-key caps.
+
+One admission slot is held by a long relayed chat stream (tests/e2e/engine_watch.py), so
+what happens to the next request depends on the gateway's rules, not on timing.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.e2e.engine_watch import engine_held, finished, gateway_metric, wait_finished, wait_until
+from tests.helpers import shelf_jpeg
+
+pytestmark = pytest.mark.e2e
+PHOTO = shelf_jpeg(480, 360, seed=51)
+
+
+def scan(url: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/scan", files={"image": ("shelf.jpg", PHOTO, "image/jpeg")},
+                      data={"task": "storefront"}, headers=headers, timeout=300)
+
+
+def test_a_full_gateway_answers_429_with_retry_after_and_the_engine_sees_nothing(gateway_with, engine):
+    with gateway_with(max_in_flight_per_replica=1, queue_limit=0) as url:
+        with engine_held(url, engine.base_url):
+            before = finished(engine.base_url)
+            refused = scan(url)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert finished(engine.base_url) == before
+        assert scan(url).status_code == 200  # the slot is free again
+
+
+def test_interactive_overtakes_queued_batch(gateway_with, engine):
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def scan_as(klass: str) -> int:
+        status = scan(url, {"X-Priority": klass}).status_code
+        with lock:
+            done.append(klass)
+        return status
+
+    with gateway_with(max_in_flight_per_replica=1, max_queue_wait_s=600) as url, ThreadPoolExecutor(2) as pool:
+        with engine_held(url, engine.base_url):
+            batch = pool.submit(scan_as, "batch")
+            wait_until(lambda: gateway_metric(url, "scanner_admission_queue_depth", priority="batch") == 1,
+                       "the batch scan is queued")
+            interactive = pool.submit(scan_as, "interactive")
+            wait_until(lambda: gateway_metric(url, "scanner_admission_queue_depth", priority="interactive") == 1,
+                       "the interactive scan is queued behind it")
+        # One slot: the interactive scan ran to its end before the batch scan could start.
+        assert (interactive.result(), batch.result()) == (200, 200)
+        assert done == ["interactive", "batch"]
+
+
+def test_one_key_over_its_cap_gets_429_while_another_key_is_served(gateway_with, engine):
+    keys = {"store-a": {"Authorization": "Bearer store-a"}, "store-b": {"Authorization": "Bearer store-b"}}
+    with gateway_with(api_keys="store-a,store-b", max_in_flight_per_key=1) as url:
+        with engine_held(url, engine.base_url, headers=keys["store-a"]):
+            before = finished(engine.base_url)
+            over = scan(url, keys["store-a"])
+            assert over.status_code == 429 and over.json()["error"]["code"] == "key_over_limit"
+            assert over.headers["retry-after"] == "1"
+            other = scan(url, keys["store-b"])
+            assert other.status_code == 200, other.text
+            wait_finished(engine.base_url, before, 1, idle=False)  # store-b's scan only
+            assert gateway_metric(url, "scanner_client_limit_rejections_total") == 1
+        assert scan(url, keys["store-a"]).status_code == 200
