@@ -6,9 +6,10 @@
         scan = client.scan("shelf.jpg", task="product_scan")
         print(scan.result)
 
-Every scan carries an Idempotency-Key, so the client can safely retry what a flaky
-network cut off (connection errors, 429 and 503, honouring `Retry-After`): the gateway
-returns the first result instead of scanning twice.
+Connection errors, 429, 502 and 503 are retried, honouring `Retry-After`. Every scan
+carries an Idempotency-Key, so a retry of a scan still running or already answered joins
+it or gets its result instead of scanning twice; a failed scan is not kept, so its retry
+scans again.
 """
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>"
 
 
 def default_prompts_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "prompts"
+    """The shipped tasks: inside the installed package, or prompts/ of a checkout (an
+    editable install maps the package there without copying it)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "prompts"
+    return installed if installed.is_dir() else package.parent / "prompts"
 
 
 def root_url(url: str) -> str:

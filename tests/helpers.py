@@ -68,12 +68,14 @@ class GatewayProcess:
 
 
 @contextmanager
-def gateway_process(engine_url: str, log: Path, workers: int = 1, **env: str) -> Iterator[GatewayProcess]:
-    """`scanner-gateway serve` in its own process (and session), once it is ready."""
+def gateway_process(
+    engine_url: str, log: Path, workers: int = 1, python: str = sys.executable, **env: str
+) -> Iterator[GatewayProcess]:
+    """`scanner-gateway serve` (run by `python`) in its own process and session, once ready."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url, "--port", str(port),
+            [python, "-m", "scanner_gateway", "serve", "--upstream", engine_url, "--port", str(port),
              "--workers", str(workers)],
             env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # its workers too can be killed as one group

@@ -50,7 +50,8 @@ def test_sync_client_returns_a_typed_result(gateway, tmp_path):
         assert exc.value.status == 415 and exc.value.code == "unsupported_media_type"
 
 
-def test_async_client_retries_an_engine_503_with_the_same_idempotency_key(gateway, fake_engine):
+def test_async_client_retries_an_engine_503_with_the_same_idempotency_key(settings, fake_engine):
+    # A fake engine: a 503 on cue, which a real engine cannot be asked for.
     answers = iter([FakeReply(503, (b"warming up",))])
 
     def answer(payload):
@@ -63,13 +64,23 @@ def test_async_client_retries_an_engine_503_with_the_same_idempotency_key(gatewa
 
     fake_engine.answer = answer
 
-    async def main():
-        async with AsyncScanClient(gateway, priority="batch") as client:
+    app = create_app(settings)
+    keys: list[bytes | None] = []
+
+    async def recording_keys(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/scan":
+            keys.append(dict(scope["headers"]).get(b"idempotency-key"))
+        await app(scope, receive, send)
+
+    async def main(url):
+        async with AsyncScanClient(url, priority="batch") as client:
             return await client.scan(shelf_jpeg(320, 240), task="storefront")
 
-    scan = asyncio.run(main())
+    with serve_in_thread(recording_keys) as url:
+        scan = asyncio.run(main(url))
     assert scan.task == "storefront" and len(fake_engine.payloads) == 2
     assert fake_engine.payloads[-1]["priority"] == 10  # batch
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0]  # the retry carried the first try's key
 
 
 def test_scan_cli_writes_rows_resumes_and_fails_loudly(gateway, tmp_path):

