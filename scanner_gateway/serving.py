@@ -19,6 +19,10 @@ from scanner_gateway.config import Settings
 from scanner_gateway.logs import logging_config
 
 log = logging.getLogger(__name__)
+# uvicorn's supervisor SIGKILLs a worker that misses a health ping for this long, with
+# whatever it is serving. Its 5 s default killed busy workers on a box shared with a CPU
+# engine (timers seconds late); a worker truly hung still goes, a minute later.
+WORKER_HEALTHCHECK_TIMEOUT_S = 60
 
 
 def run_gateway(settings: Settings, workers: int = 1) -> None:
@@ -49,7 +53,8 @@ def run_gateway(settings: Settings, workers: int = 1) -> None:
     if own_metrics_dir:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="scanner-metrics-")
     try:
-        uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers, **common)
+        uvicorn.run("scanner_gateway.app:create_app_from_env", factory=True, workers=workers,
+                    timeout_worker_healthcheck=WORKER_HEALTHCHECK_TIMEOUT_S, **common)
     finally:
         if own_metrics_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)

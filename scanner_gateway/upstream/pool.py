@@ -171,6 +171,12 @@ class ReplicaPool:
         m.replica_running.labels(url).set(replica.gauges.running)
         m.replica_kv_usage.labels(url).set(replica.gauges.kv_cache_usage)
 
+    def _count_in_flight(self, replica: Replica, change: int) -> None:
+        # Exported as it changes: a probe round can take seconds while the engine is busy.
+        replica.in_flight += change
+        if self.metrics is not None:
+            self.metrics.replica_in_flight.labels(replica.url).set(replica.in_flight)
+
     def failed(self, replica: Replica, exc: Exception, *, definitive: bool) -> None:
         """Count a failure; eject on a definitive one or after enough in a row."""
         replica.failures += 1
@@ -215,7 +221,7 @@ class ReplicaPool:
                     self.metrics.upstream_retries.inc()
                 await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2 ** max(attempts - 1, 0)))
             tried.add(replica.index)
-            replica.in_flight += 1
+            self._count_in_flight(replica, +1)
             started = self._clock()
             try:
                 try:
@@ -239,7 +245,7 @@ class ReplicaPool:
                 yield result
                 return
             finally:
-                replica.in_flight -= 1
+                self._count_in_flight(replica, -1)
         if last is None:
             raise UpstreamUnavailable("no healthy engine replica; try again shortly")
         raise last

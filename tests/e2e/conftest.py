@@ -109,7 +109,7 @@ def gateway_with(engine: ManagedEngine) -> Callable[..., AbstractContextManager[
 
 @pytest.fixture(scope="session")
 def long_task_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped tasks plus `long_count`, whose schema makes the engine write 4000
+    """The shipped tasks plus `long_count`, whose schema makes the engine write 12000
     characters (seconds of work on the dev engine): for tests that need a scan still running."""
     folder = tmp_path_factory.mktemp("prompts")
     for task_file in default_prompts_dir().glob("*.yaml"):

@@ -88,8 +88,10 @@ def engine_held(gateway_url: str, engine_url: str, headers: dict[str, str] | Non
     admission slots (and a per-key place) and keeps the engine generating. Entered once
     its first chunk arrived; on exit the stream is closed (the engine aborts it) and both
     the gateway and the engine are idle again, so the next test counts only its own work."""
+    # Unread, its ~2 KB chunks (20 logprobs each) fill the sockets' buffers long before it
+    # ends, so the relay, and its slot, wait for this client however fast the engine is.
     body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 15000, "ignore_eos": True, "stream": True}
+            "max_tokens": 15000, "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status_code == 200, r.read()

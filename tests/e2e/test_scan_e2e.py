@@ -1,6 +1,8 @@
 """Every task end to end against real vLLM: schema-constrained decoding, validation, boxes."""
 
 import base64
+import codecs
+import json
 
 import pytest
 
@@ -38,7 +40,7 @@ def check_result(body, task, images):
     assert body["timings_ms"]["engine"] > 0
 
 
-@pytest.mark.parametrize(("seed", "task"), enumerate(sorted(RESULT_MODELS)))
+@pytest.mark.parametrize(("seed", "task"), list(enumerate(sorted(RESULT_MODELS))))
 def test_each_task_over_multipart(gateway, seed, task):
     photo = shelf_jpeg(1600, 1200, seed=seed)
     r = gateway.post("/v1/scan", files={"image": ("shelf.jpg", photo, "image/jpeg")},
@@ -60,6 +62,31 @@ def test_json_body_two_photos_zh(gateway):
     check_result(body, "price_tags", [(4000, 3000), (600, 800)])
     sent = body["images"][0]
     assert sent["sent_width"] * sent["sent_height"] <= 1228800
+
+
+def _data_url(photo: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+
+
+PHOTO = shelf_jpeg(800, 600, seed=13)
+HEIC = encode(shelf_photo(800, 600, seed=13), "HEIF")
+# Every way the README says a photo may be sent, each once against the real engine.
+GOOD_INPUTS = [
+    ("json-bare-base64", 1, {"json": {"task": "storefront", "images": [base64.b64encode(PHOTO).decode()]}}),
+    ("json-with-bom", 1, {"content": codecs.BOM_UTF8 + json.dumps({"task": "storefront", "images": [_data_url(PHOTO)]}).encode(),
+                       "headers": {"content-type": "application/json"}}),
+    ("json-openai-parts", 2, {"json": {"task": "storefront", "images": [
+        {"url": _data_url(PHOTO)}, {"type": "image_url", "image_url": {"url": _data_url(PHOTO), "detail": "high"}}]}}),
+    ("photo-as-body", 1, {"content": PHOTO, "params": {"task": "storefront"}, "headers": {"content-type": "image/jpeg"}}),
+    ("iphone-heic", 1, {"files": {"image": ("IMG_0042.HEIC", HEIC, "image/heic")}, "data": {"task": "storefront"}}),
+]
+
+
+@pytest.mark.parametrize(("what", "photos", "kwargs"), GOOD_INPUTS, ids=[g[0] for g in GOOD_INPUTS])
+def test_every_way_to_send_a_photo(gateway, what, photos, kwargs):
+    r = gateway.post("/v1/scan", **kwargs)
+    assert r.status_code == 200, r.text
+    check_result(r.json(), "storefront", [(800, 600)] * photos)
 
 
 @pytest.mark.parametrize(("what", "kwargs", "status", "code"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])

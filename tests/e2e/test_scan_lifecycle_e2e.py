@@ -1,6 +1,6 @@
 """A scan's life at the real engine: a client that leaves, a truncated answer, the deadline.
 
-`long_count` (tests/e2e/long_count.yaml) makes the engine write 4000 characters, seconds
+`long_count` (tests/e2e/long_count.yaml) makes the engine write 12000 characters, seconds
 of work, so the scan is still inside the engine when the test acts.
 """
 

@@ -38,7 +38,8 @@ def scan_pids(output: str) -> set[int]:
 
 
 def test_two_workers_serve_sum_their_metrics_and_drain(engine, long_task_prompts, tmp_path):
-    with gateway_process(engine.base_url, tmp_path / "gateway.log", workers=2, SCANNER_DRAIN_S="2",
+    # A drain period long enough to be seen through the stalls of seconds a busy 2-core box has.
+    with gateway_process(engine.base_url, tmp_path / "gateway.log", workers=2, SCANNER_DRAIN_S="10",
                          SCANNER_PROMPTS_DIR=str(long_task_prompts)) as gateway:
         sent = 0
         with ThreadPoolExecutor(4) as pool:
@@ -60,11 +61,14 @@ def test_two_workers_serve_sum_their_metrics_and_drain(engine, long_task_prompts
         assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
         long_scan.join(300)
         assert result["r"].status_code == 200, result["r"].text
-        assert len(result["r"].json()["result"]["text"]) == 4000
+        assert len(result["r"].json()["result"]["text"]) == 12000
         assert gateway.proc.wait(timeout=60) in (0, -signal.SIGTERM)
         wait_finished(engine.base_url, stopped, 1, reason="stop")
 
 
 def not_ready(url: str) -> httpx.Response | None:
-    r = httpx.get(f"{url}/ready", headers={"connection": "close"}, timeout=10)
+    try:
+        r = httpx.get(f"{url}/ready", headers={"connection": "close"}, timeout=10)
+    except httpx.TransportError:  # a worker that is already closing its listener: ask again
+        return None
     return r if r.status_code != 200 else None
