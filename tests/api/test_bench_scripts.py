@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_observability import run_gateway
 from tests.api.test_scan_api import PHOTO
-from tests.helpers import free_port
+from tests.helpers import gateway_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,17 +31,12 @@ def test_upload_burst_runs_against_its_fake_engine():
 def test_wrk_scan_script_posts_multipart_scans(fake_engine, tmp_path):
     photo = tmp_path / "shelf.jpg"
     photo.write_bytes(PHOTO)
-    port = free_port()
-    gateway = run_gateway(fake_engine, port)
-    try:
+    with gateway_process(fake_engine.url, tmp_path / "gateway.log", SCANNER_MODEL="m") as gateway:
         done = subprocess.run(
             ["wrk", "-t1", "-c2", "-d1s", "--timeout", "10s", "-s", "bench/scan.lua",
-             f"http://127.0.0.1:{port}/v1/scan", "--", str(photo), "storefront"],
+             f"{gateway.url}/v1/scan", "--", str(photo), "storefront"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
-    finally:
-        gateway.terminate()
-        gateway.communicate(timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     mix = re.search(r"status mix: 200 x(\d+)\n", done.stdout)  # every answer a 200: the multipart body is right
     assert mix and int(mix.group(1)) > 0, done.stdout
