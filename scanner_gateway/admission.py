@@ -65,7 +65,7 @@ def parse_priority(value: str | None, default: PriorityClass, param: str = "X-Pr
 class _Waiter:
     rank: int
     seq: int
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[bool] = field(compare=False)
 
 
 @dataclass
@@ -84,8 +84,10 @@ class AdmissionController:
         initial_hold_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
+        saturated: Callable[[], bool] = lambda: False,
     ) -> None:
         self.max_in_flight = max_in_flight
+        self._saturated = saturated
         self.queue_limit = queue_limit
         self.max_wait_s = max_wait_s
         self.in_flight = 0
@@ -122,16 +124,26 @@ class AdmissionController:
         median_age = ages[len(ages) // 2]
         return max(learnt, median_age * (2 if cold else 1))
 
+    def _room(self) -> bool:
+        """A request may start now: under the cap, and the engines are not saturated."""
+        return self.in_flight < self.max_in_flight and not self._saturated()
+
+    def _slots(self) -> int:
+        """Requests that run at once from here on: the cap, or, while the engines are
+        saturated, as many as run now (each end lets one more in)."""
+        return max(1, self.in_flight) if self._saturated() else self.max_in_flight
+
     def _expected_wait_s(self, ahead: int) -> float:
         """Wait of a request with `ahead` requests queued before it."""
         now = self._clock()
         hold = self._hold_estimate_s(now)
+        slots = self._slots()
         releases = [start + hold for start in self._started.values()]
         handed_over = self.in_flight - len(releases)  # given to a waiter that has yet to start
         releases += [now + hold] * handed_over
-        releases += [now] * (self.max_in_flight - self.in_flight)
-        releases.sort()
-        rounds, index = divmod(ahead, self.max_in_flight)
+        releases += [now] * max(0, slots - self.in_flight)
+        releases = sorted(releases)[:slots] or [now + hold]
+        rounds, index = divmod(ahead, len(releases))
         return max(0.0, releases[index] - now) + rounds * hold
 
     def _export(self, queue_changed: bool = False) -> None:
@@ -154,12 +166,13 @@ class AdmissionController:
         """Hold one of the `max_in_flight` slots for the duration of the block."""
         rank = PRIORITY_CLASSES.index(klass)
         # full: every slot taken when this one started, so its hold is one at full load
-        if self.in_flight < self.max_in_flight and not self._queue:
+        if not self._queue and self._room():
             self.in_flight += 1
             full = self.in_flight == self.max_in_flight  # it took the last free slot
         else:
-            await self._wait(klass, rank, deadline)
-            full = True  # handed over by a request that ended with others waiting
+            # Full if handed over by a request that ended with others waiting; not if let
+            # in because the engines had room again.
+            full = await self._wait(klass, rank, deadline)
         self.stats.admitted[klass] += 1
         token = next(self._seq)
         started = self._started[token] = self._clock()
@@ -171,7 +184,7 @@ class AdmissionController:
             held = self._clock() - started
             self.finished += 1
             self.avg_hold_s = _learn(self.avg_hold_s, held, self.finished)
-            if full:
+            if full or self._saturated():  # the engines were full when it ended: a full-load hold
                 self.full_finished += 1
                 self.full_hold_s = _learn(self.full_hold_s, held, self.full_finished)
             handed_over = self._release()
@@ -181,7 +194,7 @@ class AdmissionController:
         """Raise the 429 that `slot` would raise now, without taking a place: for work a
         request does before it asks for a slot (downloading its photos), so that an
         overloaded gateway refuses before that work, not after it."""
-        if self.in_flight >= self.max_in_flight or self._queue:
+        if self._queue or not self._room():
             self._refuse_if_full(klass, PRIORITY_CLASSES.index(klass), deadline)
 
     def _refuse_if_full(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
@@ -192,14 +205,15 @@ class AdmissionController:
             may_wait = min(may_wait, deadline - self._clock())
         if len(self._queue) >= self.queue_limit:
             raise self._refuse(klass, f"{len(self._queue)} requests already queued", expected)
-        if self.full_finished == 0 and ahead >= self.max_in_flight:
+        if self.full_finished == 0 and ahead >= self._slots():
             # Until one request has finished at full load nobody knows how long a slot is
             # held then: queue no more than one round (a wait of one hold), not rounds on a guess.
             raise self._refuse(klass, "no request has finished at full load yet to time the queue by", expected)
         if expected > may_wait:
             raise self._refuse(klass, f"expected wait {expected:.1f} s is over {may_wait:.1f} s", expected)
 
-    async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> None:
+    async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> bool:
+        """Until a slot is this request's; whether it was handed over (True) or found free."""
         self._refuse_if_full(klass, rank, deadline)
         waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, waiter)
@@ -220,13 +234,27 @@ class AdmissionController:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refuse(klass, f"waited {patience:.1f} s for a free slot", self.avg_hold_s) from None
+        return waiter.future.result()
+
+    def refresh(self) -> None:
+        """Let waiters in while there is room: called when the engines' gauges were read
+        (a saturated engine may have caught up; an ending request hands its slot over)."""
+        woke = False
+        while self._queue and self._room():
+            waiter = heapq.heappop(self._queue)
+            if not waiter.future.done():
+                self.in_flight += 1
+                waiter.future.set_result(False)
+                woke = True
+        if woke:
+            self._export(queue_changed=True)
 
     def _release(self) -> bool:
         """Give the slot to the best waiter (True), or free it."""
         while self._queue:
             waiter = heapq.heappop(self._queue)
             if not waiter.future.done():
-                waiter.future.set_result(None)  # in_flight stays: the slot changes hands
+                waiter.future.set_result(True)  # in_flight stays: the slot changes hands
                 return True
         self.in_flight -= 1
         return False

@@ -110,9 +110,11 @@ def _lifespan(
             max_attempts=settings.upstream_attempts,
             metrics=metrics,
             stalled_since=stalls.stalled_since,
+            saturation_waiting=settings.engine_saturation_waiting,
+            saturation_kv=settings.engine_saturation_kv,
         )
         await pool.start()
-        max_in_flight = settings.max_in_flight_per_replica * len(upstream_urls)
+        max_in_flight = settings.max_in_flight(len(upstream_urls))
         normalizer = ImageNormalizer(
             workers=settings.image_worker_count(),
             queue_limit=image_queue_limit(settings, registry, max_in_flight),
@@ -125,7 +127,9 @@ def _lifespan(
             queue_limit=settings.queue_limit,
             max_wait_s=settings.max_queue_wait_s,
             metrics=metrics,
+            saturated=pool.saturated,
         )
+        pool.on_gauges = admission.refresh
         image_fetcher = _image_fetcher(settings)
         app.state.settings = settings
         app.state.metrics = metrics

@@ -40,6 +40,9 @@ console = Console(stderr=True)
 
 # The dev model's context: its largest prompt (4 images x 1200 tokens) plus a retried answer.
 DEV_MAX_MODEL_LEN = 20480
+# The CPU dev engine's knee: its throughput stops growing past 4-8 requests at once
+# (bench/results/compare-cpu.md); more wait inside vLLM, where admission sees them queue.
+DEV_MAX_NUM_SEQS = 8
 # `up` stops within 10 s of SIGTERM: `docker stop`'s default grace, the shortest of the
 # usual supervisors' (Kubernetes 30 s, systemd 90 s). Its parts, unless the operator set
 # them: no drain (one `up` box sits behind no balancer that would read its /ready),
@@ -104,9 +107,9 @@ def _engine_options(
     registry = _load_registry(settings)
     if model is None:
         model_path = str(ensure_dev_model(cache_dir() / "dev-model"))
-        served, max_len = DEV_SERVED_NAME, max_model_len or DEV_MAX_MODEL_LEN
+        served, max_len, max_seqs = DEV_SERVED_NAME, max_model_len or DEV_MAX_MODEL_LEN, DEV_MAX_NUM_SEQS
     else:
-        model_path, served, max_len = model, DEFAULT_SERVED_NAME, max_model_len
+        model_path, served, max_len, max_seqs = model, DEFAULT_SERVED_NAME, max_model_len, None
     return EngineOptions(
         model=model_path,
         served_model_name=served,
@@ -115,6 +118,7 @@ def _engine_options(
         max_images=registry.most_images(),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
         max_model_len=max_len,
+        max_num_seqs=max_seqs,
         api_key=settings.upstream_api_key,
         extra_args=engine_arg or [],
     )

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
 from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
+from scanner_gateway.upstream.pool import DEFAULT_SATURATION_KV, DEFAULT_SATURATION_WAITING
 from scanner_gateway.upstream.relay_media import MEDIA_KINDS
 from scanner_gateway.upstream.routing import PolicyName
 
@@ -74,7 +75,16 @@ class Settings(BaseSettings):
     engine_max_connections: int = Field(512, ge=1)
 
     max_in_flight_per_replica: int = Field(
-        32, ge=1, description="Requests the gateway lets run at once, per configured replica."
+        0, ge=0, description="Requests the gateway lets run at once, per configured replica, at most; "
+        "0: no fixed cap, admit while the engines are not saturated (their gauges say).",
+    )
+    engine_saturation_waiting: float = Field(
+        DEFAULT_SATURATION_WAITING, gt=0, description="An engine reporting this many requests "
+        "waiting inside it (vllm:num_requests_waiting) is saturated: more wait in the gateway.",
+    )
+    engine_saturation_kv: float = Field(
+        DEFAULT_SATURATION_KV, gt=0, le=1, description="An engine whose KV cache is this full "
+        "(vllm:kv_cache_usage_perc) is saturated.",
     )
     queue_limit: int = Field(256, ge=0, description="Requests allowed to wait for a slot; more get 429.")
     max_queue_wait_s: float = Field(
@@ -176,11 +186,19 @@ class Settings(BaseSettings):
         engines (and keys, and the pod's memory) see the caps the operator set (not
         workers x cap). Rounded down, at least one slot each."""
         return self.model_copy(update={
-            "max_in_flight_per_replica": max(1, self.max_in_flight_per_replica // workers),
+            "max_in_flight_per_replica": self.max_in_flight_per_replica
+            and max(1, self.max_in_flight_per_replica // workers),
             "queue_limit": self.queue_limit // workers,
             "max_in_flight_per_key": self.max_in_flight_per_key and max(1, self.max_in_flight_per_key // workers),
             "max_buffered_bytes": self.max_buffered_bytes // workers,
         })
+
+    def max_in_flight(self, replicas: int) -> int:
+        """The admission's upper limit: the configured cap, else the engine connections
+        (no more can be open anyway; saturation stops admission well before)."""
+        if self.max_in_flight_per_replica:
+            return self.max_in_flight_per_replica * replicas
+        return self.engine_max_connections
 
     def image_worker_count(self) -> int:
         return self.image_workers or min(usable_cpus(), MAX_AUTO_IMAGE_WORKERS)

@@ -45,8 +45,8 @@ def run_gateway(settings: Settings, workers: int = 1) -> None:
     share = settings.for_one_of(workers)
     logging.config.dictConfig(common["log_config"])  # this supervisor logs before uvicorn does
     log.info(
-        "%d workers share the admission limits: each runs up to %d per replica and queues up to %d",
-        workers, share.max_in_flight_per_replica, share.queue_limit,
+        "%d workers share the admission limits: each runs up to %s per replica and queues up to %d",
+        workers, share.max_in_flight_per_replica or "what the engines take", share.queue_limit,
     )
     os.environ.update(share.as_env())
     own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ

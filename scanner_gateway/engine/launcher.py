@@ -71,6 +71,9 @@ class EngineOptions:
     max_images: int = 4
     max_image_pixels: int = 1280 * 960
     max_model_len: int | None = None
+    # vLLM's batch limit: past it requests wait inside the engine, which its
+    # vllm:num_requests_waiting gauge tells the gateway's admission.
+    max_num_seqs: int | None = None
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
@@ -137,6 +140,8 @@ def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
     refuse_media_policy_flags(opts.extra_args)
     if opts.max_model_len:
         cmd += ["--max-model-len", str(opts.max_model_len)]
+    if opts.max_num_seqs:
+        cmd += ["--max-num-seqs", str(opts.max_num_seqs)]
     if opts.api_key:
         cmd += ["--api-key", opts.api_key]
     return cmd + list(opts.extra_args)

@@ -53,6 +53,8 @@ T = TypeVar("T")
 # late. Only a run this long of failed probes or requests (a hung engine) ejects it.
 FAILURES_TO_EJECT = 10
 MIN_EJECT_S = 0.5
+DEFAULT_SATURATION_WAITING = 4  # as llm-d's saturation detector: a short engine queue is normal
+DEFAULT_SATURATION_KV = 0.95
 MAX_EJECT_S = 5.0
 RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
 
@@ -73,6 +75,12 @@ class Replica:
     def url(self) -> str:
         return self.client.base_url
 
+    def saturated(self, waiting: float, kv_cache_usage: float) -> bool:
+        """The engine said, at its last scrape, that it runs all it can: requests queue
+        inside it, or its KV cache is (nearly) full. Unreadable gauges say nothing."""
+        return self.gauges_readable and (
+            self.gauges.waiting >= waiting or self.gauges.kv_cache_usage >= kv_cache_usage)
+
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.index, self.in_flight, self.gauges.waiting, self.gauges.running)
 
@@ -89,6 +97,8 @@ class ReplicaPool:
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
         stalled_since: Callable[[float], bool] = lambda started: False,
+        saturation_waiting: float = DEFAULT_SATURATION_WAITING,
+        saturation_kv: float = DEFAULT_SATURATION_KV,
     ) -> None:
         if not clients:
             raise ValueError("a replica pool needs at least one engine URL")
@@ -101,6 +111,17 @@ class ReplicaPool:
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = metrics
         self._stalled_since = stalled_since
+        self.saturation_waiting = saturation_waiting
+        self.saturation_kv = saturation_kv
+        # Called after each replica's gauges are read (admission lets waiters in then).
+        self.on_gauges: Callable[[], None] = lambda: None
+
+    def saturated(self) -> bool:
+        """Every healthy replica is saturated, so a request sent now would only queue inside
+        an engine (where the gateway's priorities and 429s no longer reach it). False with
+        no healthy replica: that is the pool's 503 to give, not a queue to wait in."""
+        healthy = [r for r in self.replicas if r.healthy]
+        return bool(healthy) and all(r.saturated(self.saturation_waiting, self.saturation_kv) for r in healthy)
 
     def _excused(self, exc: UpstreamError, started: float) -> bool:
         """A failure a busy engine can cause too, while our own process stood still."""
@@ -160,6 +181,7 @@ class ReplicaPool:
                 log.info("queue gauges of %s are readable again", replica.url)
             replica.gauges_readable = True
         self._export(replica)
+        self.on_gauges()
 
     def _export(self, replica: Replica) -> None:
         if self.metrics is None:

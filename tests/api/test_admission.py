@@ -222,3 +222,32 @@ def test_the_decode_queue_holds_what_the_admission_lets_in(settings, fake_engine
         assert service.admission.max_in_flight == 128
         assert service.normalizer._queue_limit == 128 * registry.most_images()
         assert service.normalizer._pool._max_workers == min(usable_cpus(), MAX_AUTO_IMAGE_WORKERS)
+
+
+def test_with_no_cap_an_engine_that_queues_holds_requests_in_the_gateway(settings, fake_engine):
+    # Fake engine: it reports a queue of its own on cue (vllm:num_requests_waiting), which a
+    # real engine does only under a load the test could not time.
+    fake_engine.answer = slow(0.0)
+    fake_engine.waiting = 10
+    quick_probes = settings.model_copy(update={"probe_interval_s": 0.1, "queue_limit": 1})
+    assert quick_probes.max_in_flight_per_replica == 0  # the default: no fixed cap
+    with TestClient(create_app(quick_probes)) as c, ThreadPoolExecutor(2) as pool:
+        admission = c.app.state.admission
+        wait_for(lambda: c.app.state.pool.saturated(), "the gateway read the engine's queue")
+        held = pool.submit(c.post, "/v1/chat/completions", json=chat("held"))
+        wait_for(lambda: admission.queued() == 1, "the request waits in the gateway")
+        refused = c.post("/v1/chat/completions", json=chat("refused"))  # the gateway's queue is full
+        assert_error(refused, 429, "overloaded")
+        assert int(refused.headers["retry-after"]) >= 1
+        assert not [r for r in fake_engine.received if r.path == "/v1/chat/completions"]
+        fake_engine.waiting = 0  # the engine caught up: the next gauge reading lets it in
+        assert held.result(timeout=30).status_code == 200
+    sent = [json.loads(r.body)["messages"][0]["content"] for r in fake_engine.received if r.path == "/v1/chat/completions"]
+    assert sent == ["held"]
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.01)

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
-from scanner_gateway.cli import DEV_MAX_MODEL_LEN, ensure_dev_model
+from scanner_gateway.cli import DEV_MAX_MODEL_LEN, DEV_MAX_NUM_SEQS, ensure_dev_model
 from scanner_gateway.config import Settings, default_prompts_dir
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
 from scanner_gateway.scan.tasks import TaskRegistry
@@ -62,6 +62,7 @@ def dev_engine(model_dir: Path, log: Path, **options: Any) -> Iterator[ManagedEn
         max_images=max(t.spec.max_images for t in registry),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
         max_model_len=DEV_MAX_MODEL_LEN,
+        max_num_seqs=DEV_MAX_NUM_SEQS,
         **options,
     )
     managed = ManagedEngine(opts, log)

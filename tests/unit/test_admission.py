@@ -177,3 +177,121 @@ def test_check_refuses_as_slot_would_without_taking_a_place():
         assert gate.stats.rejected["batch"] == 1 and gate.in_flight == 0
 
     run(main())
+
+
+class Engines:
+    """What the pool says about the engines' saturation, set by the test."""
+
+    def __init__(self) -> None:
+        self.saturated = False
+
+    def __call__(self) -> bool:
+        return self.saturated
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never: {what}")
+
+
+def test_without_a_cap_requests_run_until_the_engines_say_they_are_saturated():
+    async def main():
+        engines = Engines()
+        gate = AdmissionController(512, 10, max_wait_s=60, saturated=engines)
+        release = asyncio.Event()
+
+        async def hold():
+            async with gate.slot("batch"):
+                await release.wait()
+
+        early = [asyncio.create_task(hold()) for _ in range(40)]  # far past any fixed cap of old
+        await until(lambda: gate.in_flight == 40, "all 40 run")
+        assert gate.queued() == 0
+        engines.saturated = True
+        late = asyncio.create_task(hold())
+        await until(lambda: gate.queued() == 1, "the 41st waits in the gateway")
+        gate.refresh()  # gauges read again, still saturated: nobody more goes in
+        assert gate.queued() == 1 and gate.in_flight == 40
+        engines.saturated = False
+        gate.refresh()  # the engines caught up
+        assert gate.queued() == 0 and gate.in_flight == 41
+        release.set()
+        await asyncio.gather(*early, late)
+        assert gate.in_flight == 0
+
+    run(main())
+
+
+def test_while_saturated_each_end_lets_the_best_waiter_in():
+    async def main():
+        engines = Engines()
+        gate = AdmissionController(512, 10, max_wait_s=60, saturated=engines)
+        order = []
+        gates = {name: asyncio.Event() for name in ("running", "batch", "interactive")}
+
+        async def user(name, klass):
+            async with gate.slot(klass):
+                order.append(name)
+                await gates[name].wait()
+
+        running = asyncio.create_task(user("running", "batch"))
+        await until(lambda: gate.in_flight == 1, "one runs")
+        engines.saturated = True
+        waiters = [asyncio.create_task(user("batch", "batch"))]
+        await until(lambda: gate.queued() == 1, "batch queued")
+        waiters.append(asyncio.create_task(user("interactive", "interactive")))
+        await until(lambda: gate.queued() == 2, "interactive queued")
+        gates["running"].set()
+        await running
+        await until(lambda: order == ["running", "interactive"], "the interactive one took the slot")
+        assert gate.in_flight == 1 and gate.queued() == 1  # handed over, not freed
+        gates["interactive"].set()
+        gates["batch"].set()
+        await asyncio.gather(*waiters)
+        assert order == ["running", "interactive", "batch"] and gate.in_flight == 0
+
+    run(main())
+
+
+def test_saturated_engines_and_a_full_queue_give_429_at_once():
+    async def main():
+        engines = Engines()
+        engines.saturated = True
+        gate = AdmissionController(512, 0, max_wait_s=60, saturated=engines)  # no queue
+        with pytest.raises(Overloaded):
+            gate.check("interactive")
+        with pytest.raises(Overloaded):
+            async with gate.slot("interactive"):
+                pass
+        assert gate.in_flight == 0 and gate.stats.rejected["interactive"] == 2
+
+    run(main())
+
+
+def test_while_saturated_the_queue_is_timed_by_the_requests_that_run():
+    # Each running request's end lets one waiter in: with one running request holding
+    # its slot ~1 s, the first waiter starts in ~1 s, the second in ~2 s, the third in ~3 s.
+    now = [0.0]
+    engines = Engines()
+
+    async def main():
+        gate = AdmissionController(512, 10, max_wait_s=2.5, initial_hold_s=1.0, clock=lambda: now[0],
+                                   saturated=engines)
+        async with gate.slot("batch"):
+            engines.saturated = True  # the engines filled up while it ran
+            now[0] += 1.0  # one full-load hold learnt: the queue may be timed by it
+        engines.saturated = False
+        async with gate.slot("batch"):
+            engines.saturated = True
+            waiters = [asyncio.create_task(gate.slot("batch").__aenter__()) for _ in range(2)]
+            await until(lambda: gate.queued() == 2, "two queued")
+            with pytest.raises(Overloaded):  # a third would wait ~3 s > 2.5 s
+                gate.check("batch")
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    run(main())
