@@ -45,7 +45,6 @@ from scanner_gateway.scan.tasks import TaskRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (  # noqa: E402
-    ROOT,
     SCAN_FORM,
     GpuMeter,
     Send,
@@ -58,6 +57,7 @@ from compare import (  # noqa: E402
     multipart,
     photo_sets,
     raw_direct_sender,
+    results_base,
     settle,
     start,
     start_engine,
@@ -186,8 +186,10 @@ def main(
     views: str = typer.Option(",".join(VIEWS), help="same-budget, 12mp, or both."),
     photos: int = typer.Option(48, help="Distinct photos per view."),
     max_items: int = typer.Option(1, help="Cap product_scan's arrays (0: the task as shipped; as in compare.py)."),
-    out: str = typer.Option("ab-cpu", help="Results name under bench/results/."),
+    out: str | None = typer.Option(None, help="Results name under bench/results/ (default: ab-<UTC time>-<commit>; "
+                                   "an existing one is never overwritten)."),
 ) -> None:
+    base = results_base(out, "ab")  # refused now, not after the run
     chosen = [v for v in views.split(",") if v]
     if unknown := set(chosen) - set(VIEWS):
         raise typer.BadParameter(f"unknown view(s) {sorted(unknown)}; choose from {VIEWS}", param_hint="--views")
@@ -249,7 +251,6 @@ def main(
             f"vllm-direct's finish reasons: {dict(finish)}.",
         ]
         lines = report_lines(rows, header)
-        base = ROOT / "bench" / "results" / out
         base.with_suffix(".md").write_text("\n".join(lines) + "\n")
         base.with_suffix(".json").write_text(json.dumps(
             {"machine": machine(), "max_items": max_items, "photos": photos, "seconds": seconds, "rounds": rounds,

@@ -355,6 +355,26 @@ def settle(idle_below: float, gpu: GpuMeter, max_s: float = 180.0) -> None:
     console.print(f"[yellow]machine still busy after {max_s:g} s; going on")
 
 
+def git_commit() -> str:
+    """The code measured: HEAD's short hash, "-dirty" when the tree has changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
+
+
+def results_base(out: str | None, prefix: str) -> Path:
+    """Where a run writes its files: `out`, by default a name of its own (prefix, UTC time,
+    commit); never over results already there (committed ones included)."""
+    name = out or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{git_commit()}"
+    base = ROOT / "bench" / "results" / name
+    taken = [p.name for p in (base.with_suffix(".md"), base.with_suffix(".json")) if p.exists()]
+    if taken:
+        raise typer.BadParameter(f"{', '.join(taken)} already exist(s): results are never overwritten; "
+                                 "pass another --out")
+    return base
+
+
 def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -363,7 +383,13 @@ def machine() -> dict:
     gm = GpuMeter()
     for h in gm.handles:
         gpus.append(gm.nvml.nvmlDeviceGetName(h))
+    try:
+        from importlib.metadata import version
+        vllm = version("vllm")
+    except Exception:  # noqa: BLE001 - no engine package here: say so, do not fail the report
+        vllm = "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "gpus": gpus,
+            "commit": git_commit(), "vllm": vllm, "command": shlex.join(sys.argv),
             "python": platform.python_version(), "platform": platform.platform(),
             "vllm_cpu_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default (1 core for the API)")}
 
@@ -395,7 +421,8 @@ def main(
                                                 "GPU lease that has the other from an earlier run)."),
     as_designed: bool = typer.Option(True, help="Also run the 12 MP view (gateway, seed-before, vllm-direct raw)."),
     overload: bool = typer.Option(True, help="Run each system at 10x its max QPS (off: a short GPU lease)."),
-    out: str = typer.Option("compare-cpu", help="Results name under bench/results/."),
+    out: str | None = typer.Option(None, help="Results name under bench/results/ (default: compare-<UTC time>-<commit>; "
+                                   "an existing one is never overwritten)."),
     max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
                                           "(0: the task as shipped); shorter answers, image work dominates."),
 ) -> None:
@@ -496,7 +523,7 @@ def main(
         }
         if engine is not None or engine_has_budget:  # else vLLM would see the raw photo at full size
             designed_senders["vllm-direct"] = vllm_direct_raw
-        base = ROOT / "bench" / "results" / out
+        base = results_base(out, "compare")
         base.parent.mkdir(parents=True, exist_ok=True)
         level_log = base.with_suffix(".levels.jsonl")
         level_log.write_text("")

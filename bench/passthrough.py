@@ -3,7 +3,8 @@
     .venv/bin/python bench/passthrough.py [--concurrency 64] [--seconds 10] [--body-kb 100] [--workers 1]
                                           [--pin-gateway N]
 
-The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
+The gateway runs with its default settings (admission with no fixed cap, metrics,
+request ids, the media check), the access log off. The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
 after a fixed delay, default 50 ms, and streams SSE when asked): a real vLLM would hide
 the gateway's cost behind its own. It measures only what the gateway adds:
 
@@ -258,6 +259,11 @@ def main(
             table.add_row(name, f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors),
                           "-" if name.startswith("direct") else f"{cpu_ms:.3f}", f"{ttfb:.2f}")
         console.print(table)
+        ratio, added_p99, cpu = gw[0].rps / direct[0].rps, gw[0].p99_ms - direct[0].p99_ms, gw[1]
+        for what, met in ((f"req/s >= 0.97x direct: {ratio:.3f}x", ratio >= 0.97),
+                          (f"p99 <= +5 ms: {added_p99:+.1f} ms", added_p99 <= 5),
+                          (f"gateway CPU <= 0.3 ms/request: {cpu:.3f} ms", cpu <= 0.3)):
+            console.print(f"target {what}: {'met' if met else 'MISSED'}")
         console.print(
             f"gateway/direct req/s = {gw[0].rps / direct[0].rps:.3f}; "
             f"added p50 = {gw[0].p50_ms - direct[0].p50_ms:+.1f} ms, added p99 = {gw[0].p99_ms - direct[0].p99_ms:+.1f} ms; "

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 
 import httpx
 import pytest
 
+from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 from tests.e2e.engine_watch import engine_held, finished, gateway_metric, wait_finished, wait_until
 from tests.helpers import shelf_jpeg
 
@@ -75,3 +77,20 @@ def test_one_key_over_its_cap_gets_429_while_another_key_is_served(gateway_with,
             wait_finished(engine.base_url, before, 1, idle=False)  # store-b's scan only
             assert gateway_metric(url, "scanner_client_limit_rejections_total") == 1
         assert scan(url, keys["store-a"]).status_code == 200
+
+
+def test_with_no_cap_a_saturated_engine_makes_scans_wait_in_the_gateway(gateway_with, engine):
+    # Twelve long generations straight at the engine: it runs 8 (--max-num-seqs) and queues
+    # 4, which its vllm:num_requests_waiting gauge reports: saturated, for the gateway.
+    body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    with gateway_with(probe_interval_s=0.5) as url, ExitStack() as holds:
+        client = holds.enter_context(httpx.Client(timeout=120))
+        for _ in range(12):
+            holds.enter_context(client.stream("POST", f"{engine.base_url}/v1/chat/completions", json=body))
+        wait_until(lambda: gateway_metric(url, "scanner_replica_engine_waiting") >= 4, "the gateway saw the queue")
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(scan, url)
+            wait_until(lambda: queued(url, "interactive", waiting), "the scan waits in the gateway, not the engine")
+            holds.close()  # the engine drains: the next gauge reading lets the scan in
+            assert waiting.result(timeout=300).status_code == 200
