@@ -7,7 +7,6 @@ SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never do
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -106,14 +105,3 @@ def gateway_with(engine: ManagedEngine) -> Callable[..., AbstractContextManager[
         with serve_in_thread(create_app(settings)) as url:
             yield url
     return start
-
-
-@pytest.fixture(scope="session")
-def long_task_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped tasks plus `long_count`, whose schema makes the engine write 12000
-    characters (seconds of work on the dev engine): for tests that need a scan still running."""
-    folder = tmp_path_factory.mktemp("prompts")
-    for task_file in default_prompts_dir().glob("*.yaml"):
-        shutil.copy(task_file, folder)
-    shutil.copy(Path(__file__).with_name("long_count.yaml"), folder)
-    return folder

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TypeVar
 
 import httpx
 
+from scanner_gateway.cli import DEV_MAX_NUM_SEQS
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 
 T = TypeVar("T")
@@ -101,3 +102,23 @@ def engine_held(gateway_url: str, engine_url: str, headers: dict[str, str] | Non
     wait_until(lambda: gateway_metric(gateway_url, "scanner_admission_in_flight") == 0, "the gateway let go")
     wait_idle(engine_url)
 
+
+
+@contextmanager
+def engine_full(engine_url: str, seqs: int = DEV_MAX_NUM_SEQS) -> Iterator[None]:
+    """The engine busy with `seqs` long generations sent to it directly: its batch is full
+    (`--max-num-seqs`), so a request that reaches it meanwhile waits inside it, for as long
+    as the block lasts. Entered once each generation has started; on exit they are dropped
+    (vLLM aborts them, so they count in no finished total) and the engine is idle again."""
+    body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    with ExitStack() as streams:
+        client = streams.enter_context(httpx.Client(timeout=120))
+        for _ in range(seqs):
+            r = streams.enter_context(client.stream("POST", f"{engine_url}/v1/chat/completions", json=body))
+            assert r.status_code == 200, r.read()
+            chunks = r.iter_raw()
+            streams.callback(chunks.close)
+            next(chunks)  # its first token: it runs
+        yield
+    wait_idle(engine_url)

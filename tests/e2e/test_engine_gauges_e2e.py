@@ -8,7 +8,13 @@ import re
 import httpx
 import pytest
 
-from scanner_gateway.upstream.gauges import KV_CACHE_USAGE, RUNNING, WAITING, EngineGauges, parse_engine_gauges
+from scanner_gateway.upstream.gauges import (
+    KV_CACHE_USAGE,
+    RUNNING,
+    WAITING,
+    EngineGauges,
+    parse_engine_gauges,
+)
 from tests.e2e.engine_watch import METRICS_TIMEOUT_S, engine_held, gateway_metric, wait_until
 
 pytestmark = pytest.mark.e2e
