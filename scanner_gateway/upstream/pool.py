@@ -53,7 +53,9 @@ T = TypeVar("T")
 # late. Only a run this long of failed probes or requests (a hung engine) ejects it.
 FAILURES_TO_EJECT = 10
 MIN_EJECT_S = 0.5
-DEFAULT_SATURATION_WAITING = 4  # as llm-d's saturation detector: a short engine queue is normal
+# An engine with this many requests waiting inside it is saturated: a request or two
+# waiting between scheduler steps is normal, a queue that stays is not.
+DEFAULT_SATURATION_WAITING = 4
 DEFAULT_SATURATION_KV = 0.95
 MAX_EJECT_S = 5.0
 RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
