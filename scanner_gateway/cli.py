@@ -46,9 +46,11 @@ DEV_MAX_NUM_SEQS = 8
 # `up` stops within 10 s of SIGTERM: `docker stop`'s default grace, the shortest of the
 # usual supervisors' (Kubernetes 30 s, systemd 90 s). Its parts, unless the operator set
 # them: no drain (one `up` box sits behind no balancer that would read its /ready),
-# in-flight requests get 4 s, then the engine 3 s before SIGKILL.
+# in-flight requests get 2 s, then the engine 3 s before SIGKILL. The 5 s left over are
+# for the stalls a CPU engine still generating causes (timers ran 5 s late on 2 cores,
+# and 4 s for requests then took `up` 10.2 s to stop).
 UP_STOP_BOUND_S = 10.0
-UP_STOP_DEFAULTS = {"drain_s": 0.0, "graceful_timeout_s": 4.0}
+UP_STOP_DEFAULTS = {"drain_s": 0.0, "graceful_timeout_s": 2.0}
 UP_ENGINE_STOP_GRACE_S = 3.0
 
 
