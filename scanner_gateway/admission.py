@@ -84,10 +84,11 @@ class AdmissionController:
         initial_hold_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
-        saturated: Callable[[], bool] = lambda: False,
+        engine_room: Callable[[int], float] = lambda admitted: math.inf,
     ) -> None:
         self.max_in_flight = max_in_flight
-        self._saturated = saturated
+        # Requests the engines take now without queueing, given how many this gateway let in.
+        self._engine_room = engine_room
         self.queue_limit = queue_limit
         self.max_wait_s = max_wait_s
         self.in_flight = 0
@@ -125,13 +126,16 @@ class AdmissionController:
         return max(learnt, median_age * (2 if cold else 1))
 
     def _room(self) -> bool:
-        """A request may start now: under the cap, and the engines are not saturated."""
-        return self.in_flight < self.max_in_flight and not self._saturated()
+        """A request may start now: under the cap, and the engines take one more."""
+        return self.in_flight < self.max_in_flight and self._engine_room(self.in_flight) >= 1
+
+    def _saturated(self) -> bool:
+        return self._engine_room(self.in_flight) < 1
 
     def _slots(self) -> int:
-        """Requests that run at once from here on: the cap, or, while the engines are
-        saturated, as many as run now (each end lets one more in)."""
-        return max(1, self.in_flight) if self._saturated() else self.max_in_flight
+        """Requests that run at once from here on: those running plus what the engines
+        take now, within the cap (each end lets one more in)."""
+        return max(1, min(self.max_in_flight, self.in_flight + int(min(self._engine_room(self.in_flight), self.max_in_flight))))
 
     def _expected_wait_s(self, ahead: int) -> float:
         """Wait of a request with `ahead` requests queued before it."""
@@ -250,11 +254,14 @@ class AdmissionController:
             self._export(queue_changed=True)
 
     def _release(self) -> bool:
-        """Give the slot to the best waiter (True), or free it."""
-        while self._queue:
+        """Give the slot to the best waiter (True), or free it. Not while the engines are
+        saturated: a queue inside them (a burst sent before their gauges showed it) would
+        otherwise be kept full for good, one waiter in for each request out."""
+        self.in_flight -= 1
+        while self._queue and self._room():
             waiter = heapq.heappop(self._queue)
             if not waiter.future.done():
-                waiter.future.set_result(True)  # in_flight stays: the slot changes hands
+                self.in_flight += 1
+                waiter.future.set_result(True)
                 return True
-        self.in_flight -= 1
         return False

@@ -110,7 +110,7 @@ def _lifespan(
             max_attempts=settings.upstream_attempts,
             metrics=metrics,
             stalled_since=stalls.stalled_since,
-            saturation_waiting=settings.engine_saturation_waiting,
+            queue_allowance=settings.engine_queue_allowance,
             saturation_kv=settings.engine_saturation_kv,
         )
         await pool.start()
@@ -127,7 +127,7 @@ def _lifespan(
             queue_limit=settings.queue_limit,
             max_wait_s=settings.max_queue_wait_s,
             metrics=metrics,
-            saturated=pool.saturated,
+            engine_room=pool.room,
         )
         pool.on_gauges = admission.refresh
         image_fetcher = _image_fetcher(settings)

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
 from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
-from scanner_gateway.upstream.pool import DEFAULT_SATURATION_KV, DEFAULT_SATURATION_WAITING
+from scanner_gateway.upstream.pool import DEFAULT_QUEUE_ALLOWANCE, DEFAULT_SATURATION_KV
 from scanner_gateway.upstream.relay_media import MEDIA_KINDS
 from scanner_gateway.upstream.routing import PolicyName
 
@@ -78,9 +78,10 @@ class Settings(BaseSettings):
         0, ge=0, description="Requests the gateway lets run at once, per configured replica, at most; "
         "0: no fixed cap, admit while the engines are not saturated (their gauges say).",
     )
-    engine_saturation_waiting: float = Field(
-        DEFAULT_SATURATION_WAITING, gt=0, description="An engine reporting this many requests "
-        "waiting inside it (vllm:num_requests_waiting) is saturated: more wait in the gateway.",
+    engine_queue_allowance: int = Field(
+        DEFAULT_QUEUE_ALLOWANCE, ge=0, description="Requests the gateway lets wait inside a full "
+        "engine (vllm:num_requests_waiting as last read, plus what was sent since); more wait in "
+        "the gateway's priority queue. 0: send only into a free seat.",
     )
     engine_saturation_kv: float = Field(
         DEFAULT_SATURATION_KV, gt=0, le=1, description="An engine whose KV cache is this full "

@@ -22,7 +22,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -53,10 +55,18 @@ T = TypeVar("T")
 # late. Only a run this long of failed probes or requests (a hung engine) ejects it.
 FAILURES_TO_EJECT = 10
 MIN_EJECT_S = 0.5
-# An engine with this many requests waiting inside it is saturated: a request or two
-# waiting between scheduler steps is normal, a queue that stays is not.
-DEFAULT_SATURATION_WAITING = 4
+# Requests the gateway lets wait inside a full engine. 0: it sends only into a free seat;
+# a request waiting there waits where the gateway's priorities and 429s no longer reach it
+# (a small engine frees its seats in batches seconds apart, so that wait is long).
+DEFAULT_QUEUE_ALLOWANCE = 0
 DEFAULT_SATURATION_KV = 0.95
+# Until an engine has been seen full, it is taken to run at least this many at once, or
+# twice the most it was seen running: a guess that grows with each reading, as TCP's slow
+# start does, so a cold gateway's first burst does not all land in the engine's queue.
+SEATS_GUESS_FLOOR = 8
+# While saturated, gauges are read this often (not just each probe interval), so requests
+# held in the gateway are let in as soon as the engine has room.
+SATURATED_READ_GAP_S = 0.25
 MAX_EJECT_S = 5.0
 RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
 
@@ -70,6 +80,9 @@ class Replica:
     gauges: EngineGauges = field(default_factory=EngineGauges)
     failures: int = 0
     gauges_readable: bool = True  # so an engine without usable /metrics is logged once, not every probe
+    in_flight_at_gauges: int = 0  # this gateway's requests at the replica when its gauges were read
+    seats: float = 0.0  # the most requests it was seen running with others waiting (0: never seen full)
+    seen_running: float = 0.0  # the most it was seen running at all
     eject_s: float = MIN_EJECT_S
     probe_after: float = 0.0
 
@@ -77,11 +90,30 @@ class Replica:
     def url(self) -> str:
         return self.client.base_url
 
-    def saturated(self, waiting: float, kv_cache_usage: float) -> bool:
-        """The engine said, at its last scrape, that it runs all it can: requests queue
-        inside it, or its KV cache is (nearly) full. Unreadable gauges say nothing."""
-        return self.gauges_readable and (
-            self.gauges.waiting >= waiting or self.gauges.kv_cache_usage >= kv_cache_usage)
+    def read_gauges(self, gauges: EngineGauges, in_flight_then: int) -> None:
+        self.gauges, self.in_flight_at_gauges = gauges, in_flight_then
+        self.seen_running = max(self.seen_running, gauges.running)
+        if gauges.waiting > 0:
+            self.seats = max(self.seats, gauges.running)
+
+    def room(self, queue_allowance: float, kv_cache_usage: float) -> float:
+        """Requests it takes now before one more would wait inside it beyond
+        `queue_allowance`: its gauges as last read, corrected by what this gateway sent (or
+        saw end) since. Gauges are read about once a second; without the correction a burst
+        arriving between two reads would all go into the engine's own queue, out of reach
+        of the gateway's priorities and 429s. Unreadable gauges say nothing (no limit)."""
+        if not self.gauges_readable:
+            return math.inf
+        if self.gauges.kv_cache_usage >= kv_cache_usage:
+            return 0.0
+        g = self.gauges
+        # Full at the read (some waited): it runs what it ran. Else what it was seen to take.
+        seats = g.running if g.waiting > 0 else self.seats or max(SEATS_GUESS_FLOOR, 2 * self.seen_running)
+        # Other clients' requests (other workers, pods), as of the read. Ours are counted
+        # here and now: one that just ended (or just left) can be in the gauges and not
+        # in our count (or the other way round), so theirs are never fewer than none.
+        others = max(0.0, g.running + g.waiting - self.in_flight_at_gauges)
+        return max(0.0, seats + queue_allowance - (self.in_flight + others))
 
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.index, self.in_flight, self.gauges.waiting, self.gauges.running)
@@ -99,7 +131,7 @@ class ReplicaPool:
         clock: Callable[[], float] = time.monotonic,
         metrics: GatewayMetrics | None = None,
         stalled_since: Callable[[float], bool] = lambda started: False,
-        saturation_waiting: float = DEFAULT_SATURATION_WAITING,
+        queue_allowance: float = DEFAULT_QUEUE_ALLOWANCE,
         saturation_kv: float = DEFAULT_SATURATION_KV,
     ) -> None:
         if not clients:
@@ -113,17 +145,30 @@ class ReplicaPool:
         self._monitor: asyncio.Task[None] | None = None
         self.metrics = metrics
         self._stalled_since = stalled_since
-        self.saturation_waiting = saturation_waiting
+        self.queue_allowance = queue_allowance
         self.saturation_kv = saturation_kv
         # Called after each replica's gauges are read (admission lets waiters in then).
         self.on_gauges: Callable[[], None] = lambda: None
+        self._gauges_wanted = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    def room(self, admitted: int = 0) -> float:
+        """Requests the healthy replicas take now before one would queue inside an engine
+        (where the gateway's priorities and 429s no longer reach it), less those of the
+        `admitted` requests not sent yet; inf where no gauge limits it, or with no healthy
+        replica (that is the pool's 503 to give, not a queue to wait in). At 0 the gauges
+        are read again soon, to let waiters in sooner."""
+        healthy = [r for r in self.replicas if r.healthy]
+        if not healthy:
+            return math.inf
+        on_their_way = max(0, admitted - sum(r.in_flight for r in self.replicas))
+        room = max(0.0, sum(r.room(self.queue_allowance, self.saturation_kv) for r in healthy) - on_their_way)
+        if room < 1:
+            self._gauges_wanted.set()
+        return room
 
     def saturated(self) -> bool:
-        """Every healthy replica is saturated, so a request sent now would only queue inside
-        an engine (where the gateway's priorities and 429s no longer reach it). False with
-        no healthy replica: that is the pool's 503 to give, not a queue to wait in."""
-        healthy = [r for r in self.replicas if r.healthy]
-        return bool(healthy) and all(r.saturated(self.saturation_waiting, self.saturation_kv) for r in healthy)
+        return self.room() < 1
 
     def _excused(self, exc: UpstreamError, started: float) -> bool:
         """A failure a busy engine can cause too, while our own process stood still."""
@@ -135,14 +180,26 @@ class ReplicaPool:
         """Probe every replica once (so readiness is right from the start), then monitor."""
         await self.probe_all()
         self._monitor = asyncio.create_task(self._monitor_loop(), name="replica-monitor")
+        self._reader = asyncio.create_task(self._read_while_saturated(), name="replica-gauges")
 
     async def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
+        for task in (self._monitor, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _read_while_saturated(self) -> None:
+        """Gauges only (a health probe more often would count a busy engine's slow answers
+        towards its ejection), at most every SATURATED_READ_GAP_S, while admission asks."""
+        while True:
+            await self._gauges_wanted.wait()
+            self._gauges_wanted.clear()
             try:
-                await self._monitor
-            except asyncio.CancelledError:
-                pass
+                await asyncio.gather(*(self._read_gauges(r) for r in self.replicas if r.healthy))
+            except Exception:  # the reader must outlive any surprise
+                log.exception("reading replica gauges failed")
+            await asyncio.sleep(SATURATED_READ_GAP_S)
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -171,8 +228,12 @@ class ReplicaPool:
         if not replica.healthy:
             log.info("replica %s is healthy again; re-admitted", replica.url)
         replica.healthy, replica.failures, replica.eject_s = True, 0, MIN_EJECT_S
+        await self._read_gauges(replica)
+
+    async def _read_gauges(self, replica: Replica) -> None:
+        in_flight_then = replica.in_flight  # before the read: a request sent meanwhile counts twice at worst
         try:
-            replica.gauges = parse_engine_gauges(await replica.client.metrics_text())
+            replica.read_gauges(parse_engine_gauges(await replica.client.metrics_text()), in_flight_then)
         except (UpstreamError, ValueError) as exc:
             if replica.gauges_readable:
                 log.warning("could not read queue gauges of %s (routing goes on without them): %s",

@@ -1,4 +1,5 @@
 import asyncio
+import math
 
 import pytest
 
@@ -80,6 +81,20 @@ def test_expected_wait_follows_when_running_requests_free_their_slots():
     gate.in_flight = 1  # one slot free right now
     gate._started = {2: 0.6}
     assert gate._expected_wait_s(0) == 0.0
+
+
+def test_with_no_cap_the_expected_wait_counts_only_the_room_the_engines_have():
+    now = [0.0]
+    engines = Engines()
+    gate = AdmissionController(512, 10, max_wait_s=0.5, initial_hold_s=1.0, clock=lambda: now[0],
+                               engine_room=engines)
+    gate._started = {i: 0.1 * i for i in range(4)}  # four running, freeing at 1.0, 1.1, 1.2, 1.3
+    gate.in_flight = 4
+    engines.room = 1  # the engines take one more now
+    now[0] = 0.5
+    assert gate._expected_wait_s(0) == 0.0  # the first in the queue takes it
+    assert gate._expected_wait_s(1) == pytest.approx(0.5)  # the next waits for the first end
+    assert gate._expected_wait_s(2) == pytest.approx(0.6)
 
 
 def test_a_cold_start_learns_the_hold_from_the_running_requests():
@@ -180,13 +195,15 @@ def test_check_refuses_as_slot_would_without_taking_a_place():
 
 
 class Engines:
-    """What the pool says about the engines' saturation, set by the test."""
+    """What the pool says about the engines' room, set by the test: none when `saturated`,
+    else `room` (no limit unless set)."""
 
     def __init__(self) -> None:
         self.saturated = False
+        self.room = math.inf
 
-    def __call__(self) -> bool:
-        return self.saturated
+    def __call__(self, admitted: int) -> float:
+        return 0.0 if self.saturated else self.room
 
 
 async def until(condition, what: str) -> None:
@@ -200,7 +217,7 @@ async def until(condition, what: str) -> None:
 def test_without_a_cap_requests_run_until_the_engines_say_they_are_saturated():
     async def main():
         engines = Engines()
-        gate = AdmissionController(512, 10, max_wait_s=60, saturated=engines)
+        gate = AdmissionController(512, 10, max_wait_s=60, engine_room=engines)
         release = asyncio.Event()
 
         async def hold():
@@ -225,33 +242,39 @@ def test_without_a_cap_requests_run_until_the_engines_say_they_are_saturated():
     run(main())
 
 
-def test_while_saturated_each_end_lets_the_best_waiter_in():
+def test_an_end_lets_the_best_waiter_in_only_when_the_engines_have_room():
     async def main():
         engines = Engines()
-        gate = AdmissionController(512, 10, max_wait_s=60, saturated=engines)
+        gate = AdmissionController(512, 10, max_wait_s=60, engine_room=engines)
         order = []
-        gates = {name: asyncio.Event() for name in ("running", "batch", "interactive")}
+        gates = {name: asyncio.Event() for name in ("first", "second", "batch", "interactive")}
 
         async def user(name, klass):
             async with gate.slot(klass):
                 order.append(name)
                 await gates[name].wait()
 
-        running = asyncio.create_task(user("running", "batch"))
-        await until(lambda: gate.in_flight == 1, "one runs")
+        running = [asyncio.create_task(user("first", "batch")), asyncio.create_task(user("second", "batch"))]
+        await until(lambda: gate.in_flight == 2, "two run")
         engines.saturated = True
         waiters = [asyncio.create_task(user("batch", "batch"))]
         await until(lambda: gate.queued() == 1, "batch queued")
         waiters.append(asyncio.create_task(user("interactive", "interactive")))
         await until(lambda: gate.queued() == 2, "interactive queued")
-        gates["running"].set()
-        await running
-        await until(lambda: order == ["running", "interactive"], "the interactive one took the slot")
-        assert gate.in_flight == 1 and gate.queued() == 1  # handed over, not freed
+        # An end while the engines are still full (a queue inside them) frees its slot, lets nobody in.
+        gates["first"].set()
+        await running[0]
+        assert gate.in_flight == 1 and gate.queued() == 2
+        # The next end finds room (what it left is a free seat): the best waiter takes its slot.
+        engines.saturated = False
+        gates["second"].set()
+        await running[1]
+        await until(lambda: order[2:] == ["interactive"], "the interactive one took the slot")
+        assert gate.in_flight == 1 and gate.queued() == 1  # handed over
         gates["interactive"].set()
         gates["batch"].set()
         await asyncio.gather(*waiters)
-        assert order == ["running", "interactive", "batch"] and gate.in_flight == 0
+        assert order == ["first", "second", "interactive", "batch"] and gate.in_flight == 0
 
     run(main())
 
@@ -260,7 +283,7 @@ def test_saturated_engines_and_a_full_queue_give_429_at_once():
     async def main():
         engines = Engines()
         engines.saturated = True
-        gate = AdmissionController(512, 0, max_wait_s=60, saturated=engines)  # no queue
+        gate = AdmissionController(512, 0, max_wait_s=60, engine_room=engines)  # no queue
         with pytest.raises(Overloaded):
             gate.check("interactive")
         with pytest.raises(Overloaded):
@@ -279,7 +302,7 @@ def test_while_saturated_the_queue_is_timed_by_the_requests_that_run():
 
     async def main():
         gate = AdmissionController(512, 10, max_wait_s=2.5, initial_hold_s=1.0, clock=lambda: now[0],
-                                   saturated=engines)
+                                   engine_room=engines)
         async with gate.slot("batch"):
             engines.saturated = True  # the engines filled up while it ran
             now[0] += 1.0  # one full-load hold learnt: the queue may be timed by it

@@ -21,19 +21,21 @@ class MetricsClient(StubClient):
         return self.text
 
 
-def pool(*gauges: EngineGauges, waiting: float = 4, kv: float = 0.95) -> ReplicaPool:
+def pool(*gauges: EngineGauges, allowance: float = 0, kv: float = 0.95) -> ReplicaPool:
     p = ReplicaPool([StubClient(f"http://engine-{i}") for i in range(len(gauges))], build_policy("round_robin"),
-                    saturation_waiting=waiting, saturation_kv=kv)
+                    queue_allowance=allowance, saturation_kv=kv)
     for replica, g in zip(p.replicas, gauges, strict=True):
-        replica.gauges = g
+        replica.read_gauges(g, in_flight_then=0)
     return p
 
 
 def test_an_engine_with_a_queue_or_a_full_kv_cache_is_saturated():
-    assert not pool(EngineGauges(running=200, waiting=3, kv_cache_usage=0.5)).saturated()
-    assert pool(EngineGauges(running=200, waiting=4, kv_cache_usage=0.5)).saturated()
+    assert not pool(EngineGauges(running=200, waiting=0, kv_cache_usage=0.5)).saturated()
+    assert pool(EngineGauges(running=200, waiting=1, kv_cache_usage=0.5)).saturated()  # one more would wait
     assert pool(EngineGauges(running=30, waiting=0, kv_cache_usage=0.96)).saturated()
-    assert not pool(EngineGauges(waiting=4), waiting=5).saturated()  # the threshold is the setting's
+    # The allowance: requests the gateway lets wait inside the engine.
+    assert not pool(EngineGauges(waiting=3), allowance=4).saturated()
+    assert pool(EngineGauges(waiting=4), allowance=4).saturated()
 
 
 def test_the_pool_is_saturated_only_when_every_healthy_replica_is():
@@ -59,3 +61,110 @@ def test_every_gauge_reading_tells_admission():
     p.on_gauges = lambda: seen.append(p.saturated())
     asyncio.run(p.probe_all())
     assert seen == [True]
+
+
+def test_requests_sent_between_two_readings_count_towards_the_engines_queue():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    # A reading with 8 running and 2 waiting: it runs 8 at once. Every request sent since waits too.
+    engine.in_flight = 10
+    engine.read_gauges(EngineGauges(running=8, waiting=2), in_flight_then=10)
+    assert p.saturated()
+    engine.in_flight = 8  # two ended since: the two waiting run, all 8 seats taken
+    assert p.saturated()
+    engine.in_flight = 7  # a seat is free
+    assert not p.saturated()
+    # Later reading: 5 running, none waiting. Three seats free.
+    engine.read_gauges(EngineGauges(running=5), in_flight_then=5)
+    engine.in_flight = 7
+    assert not p.saturated()
+    engine.in_flight = 8
+    assert p.saturated()
+
+
+def test_a_queue_seen_at_a_lighter_load_does_not_shrink_the_seats_learnt():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)
+    engine.read_gauges(EngineGauges(running=3, waiting=1), in_flight_then=4)  # a long prompt held the step
+    assert engine.seats == 8
+    engine.read_gauges(EngineGauges(running=2), in_flight_then=2)
+    engine.in_flight = 7  # 6 seats free, 5 sent since
+    assert not p.saturated()
+
+
+def test_an_engine_never_seen_full_is_guessed_to_take_twice_what_it_ran():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.in_flight = 7  # nothing read yet: it takes at least 8 (SEATS_GUESS_FLOOR)
+    assert not p.saturated()
+    engine.in_flight = 8
+    assert p.saturated()
+    # It ran all 12 it had and queued none: it takes at least 24 then.
+    engine.read_gauges(EngineGauges(running=12), in_flight_then=12)
+    engine.in_flight = 23
+    assert not p.saturated()
+    engine.in_flight = 24
+    assert p.saturated()
+
+
+def test_saturation_has_the_gauges_read_again_soon():
+    class Counting(MetricsClient):
+        reads = 0
+
+        async def metrics_text(self) -> str:
+            Counting.reads += 1
+            return await super().metrics_text()
+
+    async def scenario() -> None:
+        p = ReplicaPool([Counting("http://engine-0", "vllm:num_requests_waiting 9\n")], build_policy("round_robin"),
+                        probe_interval_s=3600)
+        await p.start()  # one reading: 9 waiting
+        assert Counting.reads == 1
+        let_in = []
+        p.on_gauges = lambda: let_in.append(p.saturated())
+        assert p.saturated()  # asks for a fresh reading, not an hour away
+        async with asyncio.timeout(30):
+            while not let_in:
+                await asyncio.sleep(0.01)
+        assert Counting.reads >= 2
+        await p.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_ended_between_the_engine_and_the_gateway_frees_one_seat_not_two():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.in_flight = 8
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)  # 8 seats
+    engine.in_flight = 8  # the waiting one runs
+    # Read as one ended in the engine while its answer was still on its way to us.
+    engine.read_gauges(EngineGauges(running=7), in_flight_then=8)
+    engine.in_flight = 7  # the answer arrived: one seat free, not two
+    assert not p.saturated()
+    engine.in_flight = 8
+    assert p.saturated()
+
+
+def test_other_clients_requests_take_seats_too():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.in_flight = 2
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=2)  # 7 from elsewhere
+    assert p.saturated()
+    engine.read_gauges(EngineGauges(running=6), in_flight_then=2)  # 4 from elsewhere, 2 seats free
+    engine.in_flight = 3
+    assert not p.saturated()
+    engine.in_flight = 4
+    assert p.saturated()
+
+
+def test_requests_let_in_but_not_yet_sent_take_their_seats():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)  # 8 seats
+    engine.in_flight = 6
+    assert p.room(admitted=6) == 2
+    assert p.room(admitted=7) == 1  # one let in is on its way to the engine
+    assert p.room(admitted=8) == 0
