@@ -52,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +117,8 @@ class SystemResult:
     overload_p95_ms: float | None = None  # of the answers (200s) during the 10x run
     overload_settings: dict[str, str] = field(default_factory=dict)  # how the system was configured for it
     overload_note: str = ""  # e.g. the engine died under it
+    prompt_tokens: float | None = None  # per answer, as the system reported them
+    completion_tokens: float | None = None
 
     def add(self, level: Level, slo_s: float) -> bool:
         """Record a level; False once it breaks the SLO (higher levels only add waiting).
@@ -177,6 +179,40 @@ class GpuMeter:
 
 
 Send = Callable[[httpx.AsyncClient, int], Awaitable[int]]  # -> HTTP status
+WARM_UP_REQUESTS, WARM_UP_CONCURRENCY = 8, 4  # every system alike; 4 at a time reaches each seed-after worker
+
+
+@dataclass
+class TokenTally:
+    """Prompt and completion tokens of a system's answers, as it reports them (the
+    gateway's and vLLM's `usage`, the seeds' own count): the same-budget claim, shown."""
+    answers: int = 0
+    prompt: int = 0
+    completion: int = 0
+
+    def add(self, usage: dict | None) -> None:
+        if usage:
+            self.answers += 1
+            self.prompt += usage.get("prompt_tokens", 0)
+            self.completion += usage.get("completion_tokens", 0)
+
+    def reset(self) -> None:
+        self.answers = self.prompt = self.completion = 0
+
+    def fill(self, result: SystemResult) -> None:
+        if self.answers:
+            result.prompt_tokens, result.completion_tokens = self.prompt / self.answers, self.completion / self.answers
+
+
+def warm_up(send: Send, requests: int = WARM_UP_REQUESTS, concurrency: int = WARM_UP_CONCURRENCY) -> None:
+    """Requests not measured, so no system's first (cold) answers land in its figures."""
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=900) as client:
+            async def worker(w: int) -> None:
+                for i in range(w, requests, concurrency):
+                    await send(client, i)
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    asyncio.run(run())
 
 
 async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int, float | None]:
@@ -324,12 +360,11 @@ def overload_system(result: SystemResult, send: Send, seconds: float, slo_s: flo
 
 
 def admission_for(result: SystemResult, slo_s: float) -> dict[str, str]:
-    """Gateway admission sized as an operator would from the sweep: run at most the
-    knee's concurrency, and queue no longer than the SLO leaves after the knee's p95."""
+    """Gateway admission as an operator would set it from the sweep: queue no longer than
+    the SLO leaves after the knee's p95. No in-flight cap: the engine's gauges decide."""
     at = result.at_max or result.unloaded
     assert at is not None
-    return {"SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(at.concurrency),
-            "SCANNER_MAX_QUEUE_WAIT_S": f"{max(1.0, slo_s - at.p95_ms / 1000):.1f}"}
+    return {"SCANNER_MAX_QUEUE_WAIT_S": f"{max(1.0, slo_s - at.p95_ms / 1000):.1f}"}
 
 
 def busy_fraction(seconds: float = 1.0) -> float:
@@ -423,6 +458,10 @@ def main(
     overload: bool = typer.Option(True, help="Run each system at 10x its max QPS (off: a short GPU lease)."),
     out: str | None = typer.Option(None, help="Results name under bench/results/ (default: compare-<UTC time>-<commit>; "
                                    "an existing one is never overwritten)."),
+    warm_up_requests: int = typer.Option(WARM_UP_REQUESTS, "--warm-up",
+                                         help="Requests each system gets before any is measured, 4 at a time."),
+    seed_after_workers: int = typer.Option(4, help="seed-after's worker processes (the seed ran gunicorn -w 4); "
+                                           "each holds a model copy: use 1 where four do not fit, and say so."),
     max_items: int = typer.Option(0, help="Cap every array in product_scan's schema at this many items "
                                           "(0: the task as shipped); shorter answers, image work dominates."),
 ) -> None:
@@ -445,8 +484,9 @@ def main(
         served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
 
         direct_finish: Counter = Counter()  # vLLM's finish reasons: "length" = a JSON cut off
-        vllm_direct = direct_sender(engine_url, task, served, sized, direct_finish)
-        vllm_direct_raw = raw_direct_sender(engine_url, task, served, big)
+        tokens: dict[str, TokenTally] = defaultdict(TokenTally)  # by system and view
+        vllm_direct = direct_sender(engine_url, task, served, sized, direct_finish, tokens["vllm-direct"])
+        vllm_direct_raw = raw_direct_sender(engine_url, task, served, big, tokens["vllm-direct (12 MP)"])
 
         # Calibrate the output length the transformers systems must match.
         usage = []
@@ -482,18 +522,15 @@ def main(
             wait_http(f"http://127.0.0.1:{gw_port}/ready")
 
         level_list = [int(c) for c in levels.split(",") if c]
-        # Room for the sweep's highest level (the default cap, 32, would queue a GPU's
-        # c=64 in the gateway: architecture, not admission, is measured here), and a
-        # queue as long as the SLO.
-        start_gateway({"SCANNER_MAX_QUEUE_WAIT_S": str(slo_s),
-                       "SCANNER_MAX_IN_FLIGHT_PER_REPLICA": str(max(level_list, default=1))})
+        start_gateway({})  # admission at its defaults, as users run it
         seed_ports: dict[str, int] = {}
         seed_procs: dict[str, subprocess.Popen] = {}
 
         def start_seed(name: str) -> None:
             seed_ports.setdefault(name, free_port())
             seed_procs[name] = start([sys.executable, "bench/seed_systems.py", name, "--model", model_dir,
-                                      "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens)])
+                                      "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens),
+                                      *(["--workers", str(seed_after_workers)] if name == "after" else [])])
             procs.append(seed_procs[name])
             wait_http(f"http://127.0.0.1:{seed_ports[name]}/health", timeout=300)
 
@@ -509,17 +546,20 @@ def main(
 
         sized_bytes = [img.jpeg for img in sized]
         senders: dict[str, Send] = {
-            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", sized_bytes, {}),
-            "seed-after": multipart(f"http://127.0.0.1:{seed_ports.get('after')}/scan", sized_bytes, {}),
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, SCAN_FORM),
+            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", sized_bytes, {},
+                                     tokens["seed-before"]),
+            "seed-after": multipart(f"http://127.0.0.1:{seed_ports.get('after')}/scan", sized_bytes, {},
+                                    tokens["seed-after"]),
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, SCAN_FORM, tokens["gateway"]),
             "vllm-direct": vllm_direct,
         }
         chosen = [s for s in SYSTEMS if s in systems.split(",")]
         gpu = GpuMeter()
         designed: dict[str, SystemResult] = {}
         designed_senders = {
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, SCAN_FORM),
-            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {}),
+            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, SCAN_FORM, tokens["gateway (12 MP)"]),
+            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {},
+                                     tokens["seed-before (12 MP)"]),
         }
         if engine is not None or engine_has_budget:  # else vLLM would see the raw photo at full size
             designed_senders["vllm-direct"] = vllm_direct_raw
@@ -538,6 +578,7 @@ def main(
                                                   if "gateway" in runs and runs["gateway"].overload_settings},
                     "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan",
                     "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
+                    "seed_after_workers": seed_after_workers, "warm_up": warm_up_requests,
                     "overload_run": overload_done, "overload_pending": overload and not overload_done,
                     "same_budget_run": same_budget,
                     "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
@@ -545,6 +586,17 @@ def main(
                     "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
 
         console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
+        console.print(f"warming up every system alike: {warm_up_requests} requests, {WARM_UP_CONCURRENCY} at a time")
+        for name in chosen:
+            warm_up(senders[name], warm_up_requests)
+        for tally in tokens.values():
+            tally.reset()  # only measured answers count
+
+        def fill_tokens() -> None:
+            for view, runs in (("", results), (" (12 MP)", designed)):
+                for name, result in runs.items():
+                    if f"{name}{view}" in tokens:
+                        tokens[f"{name}{view}"].fill(result)
         with Progress(console=console) as progress:
             # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
             results = (sweep({n: senders[n] for n in chosen}, quiet=quiet, progress=progress, **sweep_args)
@@ -556,6 +608,7 @@ def main(
             if overload:  # the sweeps' report now: a run cut short in its 10x runs (a lent GPU's time) keeps it
                 interim = Counter(gateway_work)
                 interim.update(gateway_counters(gw_port))
+                fill_tokens()
                 write_report(report_now(interim, False), results, designed, base)
             overloads = ((results, senders), (designed, designed_senders)) if overload else ()
             bar = progress.add_task("10x overload runs", total=len(results) + len(designed), visible=overload)
@@ -587,6 +640,7 @@ def main(
                         engine.wait_healthy(900)
                     progress.advance(bar)
         gateway_work.update(gateway_counters(gw_port))
+        fill_tokens()
         write_report(report_now(gateway_work, overload), results, designed, base)
         level_log.unlink()  # all of it is in the report now
     finally:
@@ -630,16 +684,19 @@ def start_engine(model_dir: str, registry: TaskRegistry, task: Task, extra_args:
     return engine
 
 
-def multipart(url: str, pictures: list[bytes], extra: dict) -> Send:
+def multipart(url: str, pictures: list[bytes], extra: dict, tally: TokenTally | None = None) -> Send:
     """POST each photo in turn as a multipart upload (the gateway's and the seeds' API)."""
     async def send(client: httpx.AsyncClient, i: int) -> int:
         r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
                               data=extra)
+        if tally is not None and r.status_code == 200:
+            tally.add(r.json().get("usage"))
         return r.status_code
     return send
 
 
-def direct_sender(engine_url: str, task: Task, served: str, sized: list[NormalizedImage], finish: Counter) -> Send:
+def direct_sender(engine_url: str, task: Task, served: str, sized: list[NormalizedImage], finish: Counter,
+                  tally: TokenTally | None = None) -> Send:
     """The gateway's own prompt and sized photo straight to vLLM; its finish reasons are
     counted ("length": a JSON cut off, which vllm-direct still counts as an answer)."""
     async def send(client: httpx.AsyncClient, i: int) -> int:
@@ -647,12 +704,16 @@ def direct_sender(engine_url: str, task: Task, served: str, sized: list[Normaliz
                                 task.spec.sampling.max_tokens)
         r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
         if r.status_code == 200:
-            finish[r.json()["choices"][0]["finish_reason"]] += 1
+            answer = r.json()
+            finish[answer["choices"][0]["finish_reason"]] += 1
+            if tally is not None:
+                tally.add(answer.get("usage"))
         return r.status_code
     return send
 
 
-def raw_direct_sender(engine_url: str, task: Task, served: str, photos: list[bytes]) -> Send:
+def raw_direct_sender(engine_url: str, task: Task, served: str, photos: list[bytes],
+                      tally: TokenTally | None = None) -> Send:
     """Raw photos straight to vLLM. The bodies are built once, so the load generator
     spends no CPU per request on base64 and JSON."""
     bodies = [json.dumps(build_payload(task, served, build_messages(task, [raw_image(photo)], "en"), 1,
@@ -661,6 +722,8 @@ def raw_direct_sender(engine_url: str, task: Task, served: str, photos: list[byt
     async def send(client: httpx.AsyncClient, i: int) -> int:
         r = await client.post(f"{engine_url}/v1/chat/completions", content=bodies[i % len(bodies)],
                               headers={"content-type": "application/json"})
+        if tally is not None and r.status_code == 200:
+            tally.add(r.json().get("usage"))
         return r.status_code
     return send
 
@@ -751,6 +814,7 @@ def table(results: dict[str, SystemResult]) -> list[str]:
         ("p95 / p99 at max QPS", lambda r: f"{_fmt(r.at_max.p95_ms if r.at_max else None)} / "
                                            f"{_fmt(r.at_max.p99_ms if r.at_max else None)} ms"),
         ("concurrency at max QPS", lambda r: str(r.at_max.concurrency) if r.at_max else "n/a"),
+        ("prompt / completion tokens per answer", lambda r: f"{_fmt(r.prompt_tokens)} / {_fmt(r.completion_tokens)}"),
         ("CPU utilisation at max QPS", lambda r: _fmt(r.at_max.cpu_util * 100 if r.at_max else None, ".0f", "%")),
         ("GPU utilisation at max QPS", lambda r: _fmt(r.at_max.gpu_util * 100 if r.at_max and r.at_max.gpu_util
                                                       is not None else None, ".0f", "%")),
@@ -793,9 +857,12 @@ def write_report(report: dict, results: dict[str, SystemResult], designed: dict[
           f"generate exactly that many). SLO for max QPS: p95 <= {report['slo_p95_s']:g} s and <= 1% errors; "
           f"{report['seconds_per_level']:g} s per concurrency level, the systems taking turns at each level; "
           "QPS = answers/s once every client had its first answer (ramp-up left out); "
-          f"{report['photos']} distinct photos.",
-          (f"Gateway admission in the 10x runs, sized from its sweep (in-flight cap = the knee's concurrency, "
-           f"queue wait = SLO - the knee's p95): {report['gateway_overload_settings']}."
+          f"{report['photos']} distinct photos. Every system got the same warm-up first ({report['warm_up']} "
+          f"requests, {WARM_UP_CONCURRENCY} at a time); seed-after ran {report['seed_after_workers']} worker "
+          "process(es), each with its model and batcher.",
+          "Gateway admission: its defaults in the sweeps (no in-flight cap: it sends only into free engine "
+          "seats, by the engine's gauges). "
+          + (f"In the 10x runs, queue wait = SLO - the knee's p95: {report['gateway_overload_settings']}."
            if report["overload_run"] else "The 10x runs had not finished when this was written (the sweeps' report)."
            if report.get("overload_pending") else "No 10x runs (--no-overload)."),
           f"Answer validity: the gateway retried {report['gateway_work']['retried']:.0f} of "

@@ -4,7 +4,7 @@
                                           [--pin-gateway N]
 
 The gateway runs with its default settings (admission with no fixed cap, metrics,
-request ids, the media check), the access log off. The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
+request ids, the media check, the access log; `--no-access-log` turns the log off). The engine here is a FAKE ENGINE (a tiny raw-ASGI app that answers every chat completion
 after a fixed delay, default 50 ms, and streams SSE when asked): a real vLLM would hide
 the gateway's cost behind its own. It measures only what the gateway adds:
 
@@ -212,6 +212,7 @@ def ttfb_ms(url: str, body: bytes, n: int) -> float:
 def main(
     concurrency: int = 64, seconds: float = 10.0, body_kb: int = 100, delay_ms: float = 50.0,
     workers: int = 1, ttfb_requests: int = 100, pin_gateway: int = 0,
+    access_log: bool = typer.Option(True, help="The gateway's access log (on by default, as it ships)."),
 ) -> None:
     console = Console()
     gateway_cpus: set[int] | None = None
@@ -240,8 +241,7 @@ def main(
     gateway = subprocess.Popen(
         [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", f"http://127.0.0.1:{engine_port}",
          "--port", str(gw_port), "--workers", str(workers)],
-        # Default settings but the access log (one line per request is a deployment's choice).
-        env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": "false"}, cwd=ROOT,
+        env={**os.environ, "SCANNER_MODEL": "fake", "SCANNER_ACCESS_LOG": str(access_log).lower()}, cwd=ROOT,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         preexec_fn=(lambda: os.sched_setaffinity(0, gateway_cpus)) if gateway_cpus else None,
     )
@@ -265,7 +265,8 @@ def main(
         direct, gw = rows["direct (fake engine)"], rows["gateway"]
         table = Table(title=f"pass-through: c={concurrency}, {len(body) // 1024} KB bodies, fake engine "
                             f"{delay_ms:.0f} ms, {workers} gateway worker(s), {seconds:g} s each, "
-                            f"load by {'wrk' if use_wrk else 'python httpx'}, {os.cpu_count()} CPUs"
+                            f"load by {'wrk' if use_wrk else 'python httpx'}, {os.cpu_count()} CPUs, "
+                            f"access log {'on' if access_log else 'off'}"
                             + (f", gateway pinned to CPUs {sorted(gateway_cpus)}" if gateway_cpus else ""))
         for col in ("target", "req/s", "p50 ms", "p99 ms", "errors", "gateway CPU ms/req", "stream TTFB ms"):
             table.add_column(col, justify="right")

@@ -22,7 +22,7 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
         done = subprocess.run(
             [sys.executable, "bench/compare.py", "--engine-url", engine.base_url, "--model", str(dev_model_dir),
              "--seconds", "2", "--levels", "2", "--overload-seconds", "2", "--photos", "4", "--slo-s", "60",
-             "--max-items", "2", "--out", name],
+             "--max-items", "2", "--warm-up", "4", "--out", name],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -34,10 +34,17 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
             assert 0.0 <= system["overload_error_rate"] <= 1.0
         assert report["output_tokens"] > 0 and report["machine"]["cores"] >= 1
         assert report["max_items"] == 2  # the task's arrays capped for every system alike
+        assert report["seed_after_workers"] == 4  # as the seed deployed it (gunicorn -w 4)
+        # Same pixel budget, shown: every system's answers took the same prompt tokens, and
+        # the transformers seeds generated as many tokens as vLLM's answers had.
+        budget = report["same_budget"]
+        assert len({system["prompt_tokens"] for system in budget.values()}) == 1
+        for seed in ("seed-before", "seed-after"):
+            assert budget[seed]["completion_tokens"] == report["output_tokens"]
         md = (results / f"{name}.md").read_text()
         assert "capped at 2 item(s)" in md
         for row in ("average response time", "max QPS", "GPU utilisation", "error rate at 10x capacity",
-                    "Gateway event loop:"):
+                    "Gateway event loop:", "prompt / completion tokens per answer", "same warm-up"):
             assert row in md
         assert report["gateway_work"]["loop_late_s"] >= 0 and "loop_late_over_1s" in report["gateway_work"]
         assert (results / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
