@@ -39,7 +39,8 @@ def _report(overload_run: bool, overload_pending: bool) -> dict:
             "engine_cache_hits": {}, "gateway_overload_settings": {}, "vllm_direct_finish_reasons": {},
             "task": "product_scan", "max_items": None, "output_tokens": 10, "slo_p95_s": 10,
             "overload_run": overload_run, "overload_pending": overload_pending, "same_budget_run": False,
-            "seconds_per_level": 6, "photos": 4, "resolutions": [], "same_budget": {}, "as_designed_12mp": {}}
+            "seconds_per_level": 6, "photos": 4, "resolutions": [], "same_budget": {}, "as_designed_12mp": {},
+            "warm_up": 8, "seed_after_workers": 4}
 
 
 def test_a_12_mp_only_run_reports_the_same_budget_view_as_not_run(tmp_path):
