@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -430,11 +432,20 @@ def machine() -> dict:
 
 
 def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    """In a session of its own, so `stop` ends its worker processes too (seed-after's)."""
     if log is None:
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the whole process group: a supervisor SIGKILLed alone leaves its workers running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait()
 
 
 def main(
@@ -511,8 +522,7 @@ def main(
             """(Re)start the gateway with these admission settings, its counters kept."""
             if gateway:
                 gateway_work.update(gateway_counters(gw_port))
-                gateway[0].terminate()
-                gateway[0].wait()
+                stop(gateway[0])
                 gateway.clear()
             gateway.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
                                   "--port", str(gw_port)],
@@ -536,8 +546,7 @@ def main(
 
         def restart_seed(name: str) -> None:
             """A seed keeps working through its overload backlog after the clients left: restart it."""
-            seed_procs[name].kill()
-            seed_procs[name].wait()
+            stop(seed_procs[name], signal.SIGKILL)
             start_seed(name)
 
         for name in ("before", "after"):
@@ -645,7 +654,7 @@ def main(
         level_log.unlink()  # all of it is in the report now
     finally:
         for proc in procs:
-            proc.terminate()
+            stop(proc)
         if engine is not None:
             engine.stop()
 
