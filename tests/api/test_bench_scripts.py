@@ -27,6 +27,36 @@ def test_upload_burst_runs_against_its_fake_engine():
     assert "gateway CPU" in done.stdout
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("h2load") is None,
+                    reason="wrk or h2load is not installed (Debian packages wrk, nghttp2-client)")
+def test_passthrough_measures_with_both_load_generators():
+    done = subprocess.run(
+        [sys.executable, "bench/passthrough.py", "--seconds", "1", "--concurrency", "4", "--body-kb", "10",
+         "--ttfb-requests", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = re.sub(r"\s+", " ", done.stdout)
+    for generator in ("wrk", "h2load"):
+        assert f"target ({generator}) gateway CPU <= 0.3 ms/request" in out
+        ratio = float(re.search(rf"{generator}: gateway/direct req/s = ([\d.]+)", out).group(1))
+        assert ratio > 0  # both systems answered under this generator
+    assert "access log on" in out  # measured as the gateway ships
+
+
+def test_overload_fake_engine_run_admits_by_saturation_with_no_cap():
+    done = subprocess.run(
+        [sys.executable, "bench/overload.py", "--engine", "fake", "--seconds", "2", "--fake-ms", "200",
+         "--fake-seats", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = re.sub(r"\s+", " ", done.stdout)
+    assert "no cap (saturation admission)" in out
+    assert re.search(r"5xx │ 0 │", out)  # overload is 200s and 429s, never a 5xx
+    assert "429:" in out  # 10x the capacity of a 2-seat engine: some were refused
+
+
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (Debian package wrk)")
 def test_wrk_scan_script_posts_multipart_scans(fake_engine, tmp_path):
     photo = tmp_path / "shelf.jpg"
