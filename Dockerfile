@@ -1,11 +1,11 @@
 # The gateway image: slim, non-root, no engine inside (vLLM runs in its own container).
-#   docker build -t scanner-gateway .
+#   docker build -t scanner-gateway:0.1.0 .    (the tag deploy/k8s/gateway.yaml names: the version in pyproject.toml)
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scanner_gateway ./scanner_gateway
 COPY prompts ./prompts
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server]"
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 gateway

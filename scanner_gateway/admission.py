@@ -30,10 +30,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from scanner_gateway.errors import InvalidRequest, Overloaded, echo
-from scanner_gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
+    from scanner_gateway.metrics import GatewayMetrics
 
 PriorityClass = Literal["interactive", "batch"]
 PRIORITY_CLASSES: tuple[PriorityClass, ...] = ("interactive", "batch")  # first runs first

@@ -19,12 +19,15 @@ from fastapi_offline import FastAPIOffline
 from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import openai, ops, scan, web
-from scanner_gateway.api.auth import DOCS_ASSETS_PATH, ApiKeyAuth
+from scanner_gateway.api.auth import ApiKeyAuth
+from scanner_gateway.api.errors import install_error_handlers
 from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
+from scanner_gateway.api.openai.relay import ChatRelay, RelayDoor
+from scanner_gateway.api.paths import DOCS_ASSETS_PATH, RELAYED_PATHS, SCAN_PATH, UI_PATH
+from scanner_gateway.api.state import GatewayState
 from scanner_gateway.config import Settings
 from scanner_gateway.drain import drain_on_sigterm
-from scanner_gateway.errors import install_error_handlers
 from scanner_gateway.loop_lag import LoopStalls, watch_loop_lag
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.scan.idempotency import IdempotencyCache
@@ -33,7 +36,6 @@ from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.client import EngineClient, build_session
-from scanner_gateway.upstream.passthrough import RELAYED_PATHS, ChatPassthrough, ChatRelay
 from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.relay_media import RelayMedia
 from scanner_gateway.upstream.routing import build_policy
@@ -131,27 +133,29 @@ def _lifespan(
         )
         pool.on_gauges = admission.refresh
         image_fetcher = _image_fetcher(settings)
-        app.state.settings = settings
-        app.state.metrics = metrics
-        app.state.registry = registry
-        app.state.pool = pool
-        app.state.admission = admission
-        app.state.chat_relay = ChatRelay(
-            pool, admission, settings.chat_priority, settings.engine_priorities,
-            RelayMedia(image_fetcher, settings.relay_media_kind_set(), max_urls=registry.most_images()),
-        )
-        app.state.scan_service = ScanService(
-            registry,
-            normalizer,
-            pool,
-            admission,
-            default_locale=settings.default_locale,
-            raw_output_chars=settings.raw_output_in_errors,
-            engine_priorities=settings.engine_priorities,
-            request_timeout_s=settings.request_timeout_s,
-            idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
+        state = app.state.gateway = GatewayState(
+            settings=settings,
             metrics=metrics,
-            image_fetcher=image_fetcher,
+            registry=registry,
+            pool=pool,
+            admission=admission,
+            chat_relay=ChatRelay(
+                pool, admission, settings.chat_priority, settings.engine_priorities,
+                RelayMedia(image_fetcher, settings.relay_media_kind_set(), max_urls=registry.most_images()),
+            ),
+            scan_service=ScanService(
+                registry,
+                normalizer,
+                pool,
+                admission,
+                default_locale=settings.default_locale,
+                raw_output_chars=settings.raw_output_in_errors,
+                engine_priorities=settings.engine_priorities,
+                request_timeout_s=settings.request_timeout_s,
+                idempotency=IdempotencyCache(settings.idempotency_ttl_s, settings.idempotency_max_keys),
+                metrics=metrics,
+                image_fetcher=image_fetcher,
+            ),
         )
         # Everything built so far lives as long as the process. Frozen, the collector stops
         # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
@@ -164,7 +168,7 @@ def _lifespan(
 
         lag_watch = asyncio.create_task(watch_loop_lag(observe_lag), name="loop-lag")
         try:
-            with drain_on_sigterm(app.state, settings.drain_s):
+            with drain_on_sigterm(state, settings.drain_s):
                 yield
         finally:
             lag_watch.cancel()
@@ -200,14 +204,14 @@ def _include_routes(app: FastAPI, *, keys_required: bool) -> None:
     app.include_router(openai.router, dependencies=documented_auth)
     app.include_router(ops.router)
     app.include_router(web.router)
-    app.mount("/ui", StaticFiles(directory=web.WEB_DIR), name="ui")
+    app.mount(UI_PATH, StaticFiles(directory=web.WEB_DIR), name="ui")
 
 
 def _add_middleware(
     app: FastAPI, settings: Settings, keys: list[str], registry: TaskRegistry, metrics: GatewayMetrics
 ) -> None:
     """Each add wraps the ones before it: the last added runs first on a request."""
-    app.add_middleware(ChatPassthrough)  # engine-bound chat requests skip FastAPI entirely
+    app.add_middleware(RelayDoor)  # engine-bound requests skip FastAPI entirely
     app.add_middleware(
         BodySizeLimit, max_bytes=request_size_limit(settings, registry), timeout_s=settings.body_timeout_s,
         max_buffered_bytes=settings.max_buffered_bytes,
@@ -216,7 +220,7 @@ def _add_middleware(
         app.add_middleware(
             KeyConcurrencyLimit,
             max_in_flight=settings.max_in_flight_per_key,
-            limited_paths={*RELAYED_PATHS, scan.SCAN_PATH},
+            limited_paths={*RELAYED_PATHS, SCAN_PATH},
             metrics=metrics,
         )
     elif settings.max_in_flight_per_key:

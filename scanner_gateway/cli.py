@@ -16,8 +16,14 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
 from scanner_gateway import __version__
-from scanner_gateway.bulk import IMAGE_SUFFIXES, BulkSummary, ResultsFile, find_images, scan_all
 from scanner_gateway.client import DEFAULT_URL, AsyncScanClient, ScanError
+from scanner_gateway.client.bulk import (
+    IMAGE_SUFFIXES,
+    BulkSummary,
+    ResultsFile,
+    find_images,
+    scan_all,
+)
 from scanner_gateway.config import Settings, settings_problems
 from scanner_gateway.engine.launcher import (
     DEFAULT_ENGINE_PORT,

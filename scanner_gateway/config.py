@@ -16,6 +16,7 @@ from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
 from scanner_gateway.upstream.pool import DEFAULT_QUEUE_ALLOWANCE, DEFAULT_SATURATION_KV
 from scanner_gateway.upstream.relay_media import MEDIA_KINDS
 from scanner_gateway.upstream.routing import PolicyName
+from scanner_gateway.urls import root_url
 
 # Generation on a busy engine takes minutes; HTTP clients' defaults (5 s) are far too short.
 DEFAULT_ENGINE_READ_TIMEOUT_S = 120.0
@@ -35,13 +36,6 @@ def default_prompts_dir() -> Path:
     package = Path(__file__).resolve().parent
     installed = package / "prompts"
     return installed if installed.is_dir() else package.parent / "prompts"
-
-
-def root_url(url: str) -> str:
-    """A server's root URL, also from an OpenAI-style base URL ending in /v1 (what SDKs
-    are given): callers add /v1/... themselves and probe /health at the root. Used for
-    engine URLs here and for the gateway's URL in the Python client."""
-    return url.rstrip("/").removesuffix("/v1")
 
 
 class Settings(BaseSettings):

@@ -1,8 +1,23 @@
-"""Typed gateway errors with stable codes, and the one handler that renders them.
+"""The gateway's errors: a typed tree with stable codes and statuses, framework-free.
 
-Every error leaves the gateway as `{"error": {"message", "type", "code", "param"}}`
-(OpenAI's shape), whatever raised it: our own tree, FastAPI's request validation,
-Starlette's HTTP exceptions, or a bug (500, message hidden).
+    GatewayError                      500 internal_error
+    +-- ClientError                   400 invalid_request (the client's to fix)
+    |   +-- InvalidRequest, Unauthorized (401), ImageFetchFailed, MediaKindRefused,
+    |   |   UnknownTask / NotFound (404), MethodNotAllowed (405), BodyTimeout (408),
+    |   |   PayloadTooLarge / ImageTooLarge (413), UnsupportedMedia (415),
+    |   |   InvalidImage / IdempotencyKeyReused (422), EngineRejected (the engine's 4xx),
+    |   |   ClientClosedRequest (499)
+    |   +-- Overloaded (429, Retry-After) +-- KeyOverLimit
+    +-- UpstreamError                 502 engine_error (the engine's fault)
+    |   +-- EngineError +-- EngineAuthFailed, ModelNotServed
+    |   +-- ModelOutputInvalid
+    |   +-- UpstreamUnavailable (503) +-- EngineUnreachable, EngineFlaky (+-- EngineDropped,
+    |   |                                 EngineSlowToConnect)
+    |   +-- UpstreamTimeout (504)
+    +-- Draining                      503 draining
+
+The domain raises these; the HTTP layer (`api/errors.py`) renders every one as
+`{"error": {"message", "type", "code", "param"}}` (OpenAI's shape).
 """
 
 from __future__ import annotations
@@ -13,11 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanner_gateway.protocol import ErrorBody, ErrorResponse
 
@@ -292,12 +302,6 @@ MAX_LISTED_PROBLEMS = 5
 _LOCATION_ROOTS = frozenset({"body", "query", "path", "header"})
 
 
-def error_response(err: GatewayError) -> JSONResponse:
-    return JSONResponse(
-        err.body().model_dump(), status_code=err.status, headers=err.headers or None
-    )
-
-
 def log_if_server_side(err: GatewayError) -> GatewayError:
     """A 5xx answered to a client is logged with its cause (the access log has only the
     status); 4xx are the client's business and stay out of the log."""
@@ -322,29 +326,3 @@ def invalid_request_from(errors: Sequence[Any]) -> InvalidRequest:
     more = len(errors) - len(problems)
     message = "; ".join(text for _, text in problems) + (f"; and {more} more" if more > 0 else "")
     return InvalidRequest(message, param=problems[0][0])
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(log_if_server_side(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(invalid_request_from(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if exc.status_code == 404 and message == "Not Found":  # Starlette's routing miss
-            path = request.url.path[:200]
-            message = f"{request.method} {path} is not served here; the routes are listed at /docs"
-        elif exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
-            message = f"{request.method} is not allowed on {request.url.path[:200]}; use {exc.headers['Allow']}"
-        # its headers too (Allow on a 405)
-        return error_response(client_error_for_status(exc.status_code, message, dict(exc.headers or {})))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(GatewayError("internal error; see gateway logs"))

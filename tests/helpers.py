@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 import uvicorn
 from fastapi import FastAPI
 from PIL import Image

@@ -12,15 +12,13 @@ from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scanner_gateway.errors import Unauthorized, error_response
+from scanner_gateway.api.errors import error_response
+from scanner_gateway.api.paths import METRICS_PATH, OPEN_PATHS, OPEN_PREFIXES
+from scanner_gateway.errors import Unauthorized
 
 # Probes, the Prometheus scrape, the web page's static files and the API docs stay open
 # (no secrets there; scrapers rarely hold keys; the page and the docs' "Authorize"
 # button ask for a key before calling the API, and a browser cannot send one to load them).
-METRICS_PATH = "/metrics"
-OPEN_PATHS = frozenset({"/", "/health", "/ready", METRICS_PATH, "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-DOCS_ASSETS_PATH = "/docs-assets"
-OPEN_PREFIXES = ("/ui/", DOCS_ASSETS_PATH + "/")
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:

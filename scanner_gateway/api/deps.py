@@ -1,4 +1,4 @@
-"""FastAPI dependencies: shared objects built in the lifespan, read from app.state.
+"""FastAPI dependencies: shared objects built in the lifespan (`api/state.py`).
 
 They are `async def` on purpose: FastAPI runs plain `def` dependencies in a thread pool.
 """
@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from scanner_gateway.api.auth import client_scope
+from scanner_gateway.api.state import GatewayState, gateway_state
 from scanner_gateway.config import Settings
 from scanner_gateway.protocol import ErrorResponse
 from scanner_gateway.scan.idempotency import check_key
@@ -18,22 +19,27 @@ from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.pool import ReplicaPool
 
 
+async def get_state(request: Request) -> GatewayState:
+    return gateway_state(request.app)
+
+
 async def get_scan_service(request: Request) -> ScanService:
-    return request.app.state.scan_service
+    return gateway_state(request.app).scan_service
 
 
 async def get_registry(request: Request) -> TaskRegistry:
-    return request.app.state.registry
+    return gateway_state(request.app).registry
 
 
 async def get_pool(request: Request) -> ReplicaPool:
-    return request.app.state.pool
+    return gateway_state(request.app).pool
 
 
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return gateway_state(request.app).settings
 
 
+StateDep = Annotated[GatewayState, Depends(get_state)]
 ScanServiceDep = Annotated[ScanService, Depends(get_scan_service)]
 RegistryDep = Annotated[TaskRegistry, Depends(get_registry)]
 PoolDep = Annotated[ReplicaPool, Depends(get_pool)]

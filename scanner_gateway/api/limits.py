@@ -10,13 +10,13 @@ from collections.abc import Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanner_gateway.api.auth import client_scope
+from scanner_gateway.api.errors import error_response
 from scanner_gateway.errors import (
     BodyTimeout,
     KeyOverLimit,
     Overloaded,
     PayloadTooLarge,
     UnsupportedMedia,
-    error_response,
 )
 from scanner_gateway.metrics import GatewayMetrics
 

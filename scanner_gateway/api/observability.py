@@ -16,11 +16,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scanner_gateway.api.scan import SCAN_PATH
+from scanner_gateway.api.errors import error_response
+from scanner_gateway.api.paths import RELAYED_PATHS, SCAN_PATH
 from scanner_gateway.context import request_id
-from scanner_gateway.errors import Draining, error_response, log_if_server_side
+from scanner_gateway.errors import Draining, log_if_server_side
 from scanner_gateway.metrics import GatewayMetrics
-from scanner_gateway.upstream.passthrough import RELAYED_PATHS
 
 log = logging.getLogger("scanner_gateway.access")
 MAX_REQUEST_ID = 128

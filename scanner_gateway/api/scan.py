@@ -23,6 +23,7 @@ from scanner_gateway.api.deps import (
     scoped_idempotency_key,
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
+from scanner_gateway.api.paths import SCAN_PATH
 from scanner_gateway.errors import (
     ImageTooLarge,
     InvalidRequest,
@@ -36,7 +37,6 @@ from scanner_gateway.scan.tasks import Locale, parse_locale
 
 router = APIRouter(tags=["scan"])
 
-SCAN_PATH = "/v1/scan"
 MAX_FORM_FILES = 16
 FORM_FIELDS = ("task", "locale", "priority", "image")
 QUERY_FIELDS = ("task", "locale", "priority")  # with a raw photo body

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -20,7 +20,6 @@ from scanner_gateway.errors import (
     Overloaded,
     UpstreamTimeout,
 )
-from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion
 from scanner_gateway.scan.idempotency import IdempotencyCache, request_fingerprint
 from scanner_gateway.scan.image_urls import ImageFetcher, is_image_url
@@ -29,6 +28,9 @@ from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
 from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
 from scanner_gateway.upstream.pool import ReplicaPool
+
+if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
+    from scanner_gateway.metrics import GatewayMetrics
 
 # A truncated or invalid answer is retried once with this much more room.
 RETRY_TOKEN_FACTOR = 2
@@ -92,7 +94,11 @@ class ScanService:
         self.request_timeout_s = request_timeout_s
         # Not `or`: an empty cache is falsy (it has a length).
         self.idempotency = idempotency if idempotency is not None else IdempotencyCache()
-        self.metrics = metrics if metrics is not None else GatewayMetrics()
+        if metrics is None:  # a service of its own (tests, scripts): its own registry
+            from scanner_gateway.metrics import GatewayMetrics
+
+            metrics = GatewayMetrics()
+        self.metrics = metrics
         # None: image URLs are refused (SCANNER_IMAGE_URL_HOSTS unset).
         self.image_fetcher = image_fetcher
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -42,11 +42,13 @@ from scanner_gateway.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.protocol import ChatCompletion, ModelCard
 from scanner_gateway.upstream.client import EngineClient
 from scanner_gateway.upstream.gauges import EngineGauges, parse_engine_gauges
 from scanner_gateway.upstream.routing import ReplicaLoad, RoutingPolicy
+
+if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
+    from scanner_gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

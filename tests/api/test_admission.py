@@ -72,7 +72,7 @@ def test_interactive_overtakes_queued_batch(settings, fake_engine):
     fake_engine.answer = slow(0.5)
     one_at_a_time = settings.model_copy(update={"max_in_flight_per_replica": 1})
     with TestClient(create_app(one_at_a_time)) as c:
-        admission = c.app.state.admission
+        admission = c.app.state.gateway.admission
         threads = []
 
         def send(text, klass, then):
@@ -217,8 +217,8 @@ def test_the_decode_queue_holds_what_the_admission_lets_in(settings, fake_engine
 
     wide = settings.model_copy(update={"max_in_flight_per_replica": 128, "image_workers": 0, "image_queue_limit": 0})
     with TestClient(create_app(wide)) as c:
-        service = c.app.state.scan_service
-        registry = c.app.state.registry
+        service = c.app.state.gateway.scan_service
+        registry = c.app.state.gateway.registry
         assert service.admission.max_in_flight == 128
         assert service.normalizer._queue_limit == 128 * registry.most_images()
         assert service.normalizer._pool._max_workers == min(usable_cpus(), MAX_AUTO_IMAGE_WORKERS)
@@ -232,8 +232,8 @@ def test_with_no_cap_an_engine_that_queues_holds_requests_in_the_gateway(setting
     quick_probes = settings.model_copy(update={"probe_interval_s": 0.1, "queue_limit": 1})
     assert quick_probes.max_in_flight_per_replica == 0  # the default: no fixed cap
     with TestClient(create_app(quick_probes)) as c, ThreadPoolExecutor(2) as pool:
-        admission = c.app.state.admission
-        wait_for(lambda: c.app.state.pool.saturated(), "the gateway read the engine's queue")
+        admission = c.app.state.gateway.admission
+        wait_for(lambda: c.app.state.gateway.pool.saturated(), "the gateway read the engine's queue")
         held = pool.submit(c.post, "/v1/chat/completions", json=chat("held"))
         wait_for(lambda: admission.queued() == 1, "the request waits in the gateway")
         refused = c.post("/v1/chat/completions", json=chat("refused"))  # the gateway's queue is full

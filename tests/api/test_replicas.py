@@ -6,8 +6,8 @@ FAKE ENGINES here (faults must be injected); tests/e2e kills a replica next to a
 from __future__ import annotations
 
 import json
-import socket
 import re
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor

@@ -69,7 +69,7 @@ def test_a_truncated_answer_is_asked_again_with_twice_the_tokens(engine):
     # the same answer each time).
     app = create_app(Settings(upstream_url=engine.base_url))
     with serve_in_thread(app) as url, httpx.Client(timeout=300) as client:
-        sampling = app.state.registry.get("storefront").spec.sampling
+        sampling = app.state.gateway.registry.get("storefront").spec.sampling
         whole = client.send(scan_request(url)).json()["usage"]["completion_tokens"]
         assert whole >= 8
         sampling.max_tokens = whole - 1

@@ -126,7 +126,12 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck():
 
 
 def test_every_engine_we_start_fetches_no_media_and_answers_the_gateway_only():
-    from scanner_gateway.engine.launcher import NO_MEDIA_HOST, engine_command, engine_env, EngineOptions
+    from scanner_gateway.engine.launcher import (
+        NO_MEDIA_HOST,
+        EngineOptions,
+        engine_command,
+        engine_env,
+    )
 
     media_flag = f"--allowed-media-domains={NO_MEDIA_HOST}"
     launcher = engine_command(EngineOptions(model="/m"), "vllm")
@@ -160,3 +165,15 @@ def test_every_engine_we_start_fetches_no_media_and_answers_the_gateway_only():
     assert "VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in serve
     for text in (serve, (ROOT / "compose.yaml").read_text(), *(p.read_text() for p in MANIFESTS)):
         assert "--allowed-local-media-path" not in text
+
+
+def test_the_kubernetes_gateway_names_the_image_the_documented_build_makes():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    built = re.search(r"docker build -t (\S+) \.", (ROOT / "Dockerfile").read_text()).group(1)
+    assert built == f"scanner-gateway:{version}"
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "gateway.yaml").read_text()) if d]
+    images = [c["image"] for d in docs if d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"]]
+    assert images == [built]

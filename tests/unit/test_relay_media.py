@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from scanner_gateway.errors import InvalidRequest, MediaKindRefused
 from scanner_gateway.scan.image_urls import ImageFetcher
-from scanner_gateway.upstream.passthrough import MAY_CARRY_MEDIA, NAMES_SCAN_MODEL, body_marks
+from scanner_gateway.upstream.relay_body import MAY_CARRY_MEDIA, NAMES_SCAN_MODEL, body_marks
 from scanner_gateway.upstream.relay_media import RelayMedia
 
 

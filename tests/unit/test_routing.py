@@ -85,7 +85,7 @@ def test_build_policy_by_name():
     (b"", False),
 ])
 def test_scan_model_precheck(body, maybe):
-    from scanner_gateway.upstream.passthrough import may_name_scan_model
+    from scanner_gateway.upstream.relay_body import may_name_scan_model
 
     assert may_name_scan_model(body) is maybe
 
@@ -101,12 +101,12 @@ def test_scan_model_precheck(body, maybe):
 def test_with_priority_prepends_a_member(body, expected):
     import json
 
-    from scanner_gateway.upstream.passthrough import with_priority
+    from scanner_gateway.upstream.relay_body import with_priority
 
     assert json.loads(with_priority(body, 7)) == expected
 
 
 def test_with_priority_leaves_non_objects_alone():
-    from scanner_gateway.upstream.passthrough import with_priority
+    from scanner_gateway.upstream.relay_body import with_priority
 
     assert with_priority(b"[1]", 7) == b"[1]" and with_priority(b"", 7) == b""

@@ -1,24 +1,23 @@
-"""Relay an OpenAI request to vLLM byte for byte, at raw-ASGI cost.
+"""The relay's one door: OpenAI requests to vLLM, byte for byte, at raw-ASGI cost.
 
 The body is forwarded as received (vLLM-specific fields such as structured_outputs,
 mm_processor_kwargs and priority pass untouched, nothing is parsed or re-serialised) and
 the answer, streamed or not, is relayed chunk by chunk as it arrives, never buffered.
 
-`ChatPassthrough` takes `POST /v1/chat/completions`, `POST /v1/completions` (what
-load tools such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees
-them: FastAPI's request cycle (routing, dependency solving, StreamingResponse's task
-group) cost more CPU than the whole relay. Chat and Responses bodies that may name a
-`scan/<task>` model go on to the FastAPI route, which runs the scan (or, if the mention
-was elsewhere, relays after all).
+`RelayDoor` takes `POST /v1/chat/completions`, `POST /v1/completions` (what load tools
+such as `vllm bench serve` use) and `POST /v1/responses` before FastAPI sees them:
+FastAPI's request cycle (routing, dependency solving, StreamingResponse's task group)
+cost more CPU than the whole relay. A chat or Responses body whose `model` is a
+`scan/<task>` (looked for without a parse first, `relay_body.body_marks`) goes on to the
+FastAPI route, which runs the scan; every other request is relayed here, and only here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Mapping
 
-from starlette.datastructures import Headers
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanner_gateway.admission import (
@@ -27,80 +26,25 @@ from scanner_gateway.admission import (
     PriorityClass,
     parse_priority,
 )
-from scanner_gateway.errors import GatewayError, error_response, log_if_server_side
+from scanner_gateway.api.errors import error_response
+from scanner_gateway.api.paths import CHAT_PATH, RELAYED_PATHS, SCAN_MODEL_PATHS
+from scanner_gateway.api.state import gateway_state
+from scanner_gateway.errors import GatewayError, log_if_server_side
+from scanner_gateway.scan.scan_models import scan_task_name
 from scanner_gateway.upstream.pool import ReplicaPool
-from scanner_gateway.upstream.relay_media import (
-    MEDIA_MARK_FIRST_BYTES,
-    RelayMedia,
-    opens_media_mark,
-    unusual_encoding,
+from scanner_gateway.upstream.relay_body import (
+    MAY_CARRY_MEDIA,
+    NAMES_SCAN_MODEL,
+    body_marks,
+    with_priority,
 )
+from scanner_gateway.upstream.relay_media import RelayMedia
 
-CHAT_PATH = "/v1/chat/completions"
-COMPLETIONS_PATH = "/v1/completions"
-RESPONSES_PATH = "/v1/responses"  # the OpenAI SDKs' `client.responses.create`, which vLLM serves
-RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})
-SCAN_MODEL_PATHS = frozenset({CHAT_PATH, RESPONSES_PATH})  # where a `scan/<task>` model is served
 # Hop-by-hop headers are the proxy's business, not the engine's; so is CORS (vLLM allows
 # every origin by default; the gateway's own policy is SCANNER_CORS_ORIGINS).
 _DROP = frozenset({b"transfer-encoding", b"connection", b"keep-alive", b"server", b"date"})
 _DROP_PREFIX = b"access-control-"
 _PRIORITY_HEADER = PRIORITY_HEADER.encode()
-_JSON_SPACE = (b" ", b"\t", b"\r", b"\n")
-# How a scan model's name can start in JSON (PHP escapes "/" by default).
-_SCAN_MODEL_STARTS = (b"scan/", b"scan\\/")
-
-
-NAMES_SCAN_MODEL, MAY_CARRY_MEDIA = 1, 2
-# What a string's first byte may open, indexed by the byte: the loop below looks up one
-# int per string instead of comparing prefixes for each.
-_OPENS = tuple(
-    NAMES_SCAN_MODEL if byte == _SCAN_MODEL_STARTS[0][0] else MAY_CARRY_MEDIA if byte in MEDIA_MARK_FIRST_BYTES else 0
-    for byte in range(256)
-)
-
-
-def body_marks(body: bytes) -> int:
-    """Cheap pre-check, no parse: which of NAMES_SCAN_MODEL and MAY_CARRY_MEDIA the body
-    may deserve; a mark left out means the body surely does not.
-
-    Visits only the string openings (and closings): a quote is found with memchr, and a
-    100 KB base64 image holds none, so this costs ~8 us where `b'"scan/' in body` cost
-    ~80 us. One pass for both marks: a second one would cost as much again.
-    """
-    marks = MAY_CARRY_MEDIA if unusual_encoding(body) else 0
-    quote = body.find(b'"')
-    last = len(body) - 1
-    while quote != -1 and quote < last:
-        start = quote + 1
-        opens = _OPENS[body[start]]
-        if opens == NAMES_SCAN_MODEL:
-            if body.startswith(_SCAN_MODEL_STARTS, start):
-                marks |= NAMES_SCAN_MODEL
-        elif opens and opens_media_mark(body, start):
-            marks |= MAY_CARRY_MEDIA
-        quote = body.find(b'"', start)
-    return marks
-
-
-def may_name_scan_model(body: bytes) -> bool:
-    return bool(body_marks(body) & NAMES_SCAN_MODEL)
-
-
-def with_priority(body: bytes, priority: int) -> bytes:
-    """`body` with `"priority": N` as its first member, no parse, one copy.
-
-    JSON parsers (vLLM's included) keep the last of duplicate keys, so a client's own
-    `priority` later in the body still wins. Bodies that are not objects pass unchanged.
-    """
-    stripped = body.lstrip()
-    if not stripped.startswith(b"{"):
-        return body
-    first = 1
-    while stripped[first:first + 1] in _JSON_SPACE:
-        first += 1
-    separator = b"" if stripped[first:first + 1] == b"}" else b","
-    return b"".join((b'{"priority":%d%s' % (priority, separator), memoryview(stripped)[1:]))
 
 
 class ChatRelay:
@@ -201,19 +145,6 @@ def _http_scope() -> Scope:
     return {"type": "http", "extensions": {}}
 
 
-class PassthroughResponse(Response):
-    """A response that relays a request to the engine (for use from a route)."""
-
-    def __init__(self, chat_relay: ChatRelay, body: bytes, headers: Headers, path: str) -> None:
-        # Starlette's Response.__init__ would render a body; this one relays instead.
-        self.args = (chat_relay, body, headers.get("content-type", ""), headers.get(PRIORITY_HEADER), path)
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chat_relay, body, content_type, priority, path = self.args
-        await chat_relay(body, content_type, priority, receive, send, path)
-
-
 async def read_body(receive: Receive) -> bytes | None:
     """The whole request body; None if the client left before sending it."""
     chunks: list[bytes] = []
@@ -240,9 +171,22 @@ def replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
     return replayed
 
 
-class ChatPassthrough:
-    """Pure-ASGI fast path for `POST /v1/chat/completions` (to an engine model),
-    `POST /v1/completions` and `POST /v1/responses`."""
+def names_scan_model(body: bytes) -> bool:
+    """The body's `model` is a `scan/<task>`. Parsed only when the cheap pre-check says
+    it may be (a string starting `scan/` somewhere in it)."""
+    if not body_marks(body) & NAMES_SCAN_MODEL:
+        return False
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return False
+    model = fields.get("model") if isinstance(fields, dict) else None
+    return isinstance(model, str) and scan_task_name(model) is not None
+
+
+class RelayDoor:
+    """Pure-ASGI door of `POST /v1/chat/completions` and `/v1/responses` (engine models)
+    and `POST /v1/completions`: the one place a relayed request enters."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -260,8 +204,8 @@ class ChatPassthrough:
             return
         path = scope["path"]
         marks = body_marks(body)
-        if marks & NAMES_SCAN_MODEL and path in SCAN_MODEL_PATHS:
-            await self.app(scope, replay(body, receive), send)
+        if marks & NAMES_SCAN_MODEL and path in SCAN_MODEL_PATHS and names_scan_model(body):
+            await self.app(scope, replay(body, receive), send)  # a scan: the FastAPI route
             return
         content_type, priority = "", None
         for name, value in scope["headers"]:
@@ -269,6 +213,6 @@ class ChatPassthrough:
                 content_type = value.decode("latin-1")
             elif name == _PRIORITY_HEADER:
                 priority = value.decode("latin-1")
-        await scope["app"].state.chat_relay(
+        await gateway_state(scope["app"]).chat_relay(
             body, content_type, priority, receive, send, path, carries_media=bool(marks & MAY_CARRY_MEDIA)
         )

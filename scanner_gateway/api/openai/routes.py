@@ -1,8 +1,9 @@
-"""OpenAI-compatible surface: GET /v1/models, POST /v1/chat/completions and /v1/responses.
+"""OpenAI-compatible routes: GET /v1/models, and POST /v1/chat/completions and
+/v1/responses for `scan/<task>` models.
 
-Requests for engine models normally never reach this router: the pure-ASGI
-`ChatPassthrough` relays them first. The routes below see the bodies that may name a
-`scan/<task>` model, run the scan, and relay anything else after all.
+Requests for engine models never reach these routes: the relay's door (`relay.py`)
+forwards them first and sends here only bodies whose `model` is a scan model. The
+routes are declared for all of them, so the OpenAPI document describes every request.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from scanner_gateway.api.deps import (
     scoped_idempotency_key,
 )
 from scanner_gateway.api.disconnect import cancel_on_disconnect
+from scanner_gateway.api.openai import chat_frames, responses_frames
+from scanner_gateway.api.paths import CHAT_PATH, MODELS_PATH, RESPONSES_PATH
 from scanner_gateway.api.scan_streams import stream_scan
 from scanner_gateway.errors import NotFound, echo
 from scanner_gateway.protocol import ModelCard, ModelList
-from scanner_gateway.scan import chat_adapter, responses_adapter
 from scanner_gateway.scan.scan_models import SCAN_MODEL_PREFIX, scan_task_name
-from scanner_gateway.upstream.passthrough import CHAT_PATH, RESPONSES_PATH, PassthroughResponse
 
 router = APIRouter(tags=["openai"])
 
 
-@router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 502, 503, 504))
+@router.get(MODELS_PATH, response_model=ModelList, responses=error_responses(401, 502, 503, 504))
 async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
     """The engine's models plus one `scan/<task>` pseudo-model per scan task."""
     cards = await pool.list_models()
@@ -45,7 +46,7 @@ async def list_models(pool: PoolDep, registry: RegistryDep) -> ModelList:
 
 
 @router.get(
-    "/v1/models/{model:path}", response_model=ModelCard, responses=error_responses(401, 404, 502, 503, 504)
+    MODELS_PATH + "/{model:path}", response_model=ModelCard, responses=error_responses(401, 404, 502, 503, 504)
 )
 async def retrieve_model(model: str, pool: PoolDep, registry: RegistryDep) -> ModelCard:
     """One model of the list (`client.models.retrieve(...)` in the OpenAI SDKs)."""
@@ -63,15 +64,13 @@ async def chat_completions(request: Request, service: ScanServiceDep, settings: 
     """Forwarded to vLLM untouched; `scan/<task>` models run that scan task instead."""
     body = await request.body()
     fields, task = _scan_model_request(body)
-    if task is None:  # not ours to judge: the engine answers, errors included
-        return PassthroughResponse(request.app.state.chat_relay, body, request.headers, CHAT_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
     key = scoped_idempotency_key(request)
-    scan = chat_adapter.scan_as_chat(service, task, fields, priority, key)
+    scan = chat_frames.scan_as_chat(service, task, fields, priority, key)
     if fields.get("stream"):
-        chunks = chat_adapter.ChatChunkStream(task, include_usage=chat_adapter.wants_usage_chunk(fields))
+        chunks = chat_frames.ChatChunkStream(task, include_usage=chat_frames.wants_usage_chunk(fields))
         return await stream_scan(request, scan, chunks)
-    return JSONResponse(chat_adapter.chat_completion(await cancel_on_disconnect(request, scan)))
+    return JSONResponse(chat_frames.chat_completion(await cancel_on_disconnect(request, scan)))
 
 
 @router.post(RESPONSES_PATH, responses=_RELAY_ERRORS)
@@ -79,23 +78,18 @@ async def responses(request: Request, service: ScanServiceDep, settings: Setting
     """The Responses API: forwarded to vLLM untouched; `scan/<task>` models run that scan task instead."""
     body = await request.body()
     fields, task = _scan_model_request(body)
-    if task is None:
-        return PassthroughResponse(request.app.state.chat_relay, body, request.headers, RESPONSES_PATH)
     priority = parse_priority(request.headers.get(PRIORITY_HEADER), settings.scan_priority)
     key = scoped_idempotency_key(request)
-    scan = responses_adapter.scan_as_response(service, task, fields, priority, key)
+    scan = responses_frames.scan_as_response(service, task, fields, priority, key)
     if fields.get("stream"):
-        return await stream_scan(request, scan, responses_adapter.ResponseEventStream(task))
-    return JSONResponse(responses_adapter.response_object(await cancel_on_disconnect(request, scan)))
+        return await stream_scan(request, scan, responses_frames.ResponseEventStream(task))
+    return JSONResponse(responses_frames.response_object(await cancel_on_disconnect(request, scan)))
 
 
-def _scan_model_request(body: bytes) -> tuple[dict[str, Any], str | None]:
-    """The parsed body and the scan task its `model` names (None: a request for the engine)."""
-    try:
-        fields = json.loads(body)
-    except ValueError:
-        return {}, None
-    model = fields.get("model") if isinstance(fields, dict) else None
-    if not isinstance(model, str):
-        return {}, None
-    return fields, scan_task_name(model)
+def _scan_model_request(body: bytes) -> tuple[dict[str, Any], str]:
+    """The parsed body and the scan task its `model` names (the relay's door sent only
+    such bodies here)."""
+    fields = json.loads(body)
+    task = scan_task_name(fields["model"])
+    assert task is not None, "the relay's door routes only scan-model bodies here"
+    return fields, task

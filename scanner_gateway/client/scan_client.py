@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 
-from scanner_gateway.config import root_url
 from scanner_gateway.scan.results import RESULT_MODELS, ScanResult
+from scanner_gateway.urls import root_url
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT_S = 300.0
