@@ -159,8 +159,8 @@ def test_every_engine_we_start_fetches_no_media_and_answers_the_gateway_only():
     allowed = [peer.get("podSelector", {}).get("matchLabels") for rule in policy["ingress"] for peer in rule["from"]]
     assert {"app": "scanner-gateway"} in allowed
 
-    readme = (ROOT / "README.md").read_text()
-    serve = re.search(r"[^\n]*vllm serve Ostrakon.*?\n(?=\S)", re.sub(r"\\\n\s*", " ", readme)).group(0)
+    gpu_docs = (ROOT / "docs" / "operations.md").read_text()
+    serve = re.search(r"[^\n]*vllm serve Ostrakon.*?\n(?=\S)", re.sub(r"\\\n\s*", " ", gpu_docs)).group(0)
     assert f"--allowed-media-domains {NO_MEDIA_HOST}" in serve and "--api-key" in serve
     assert "VLLM_MEDIA_URL_ALLOW_REDIRECTS=0" in serve
     for text in (serve, (ROOT / "compose.yaml").read_text(), *(p.read_text() for p in MANIFESTS)):
