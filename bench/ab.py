@@ -1,7 +1,7 @@
 """gateway against vllm-direct, paired: the gateway's cost next to its ceiling, with the machine's drift cancelled.
 
-    .venv/bin/python bench/ab.py --max-items 1                    # both views, c=4,8,16, 4 rounds (~35 min on 2 cores)
-    .venv/bin/python bench/ab.py --views same-budget --levels 16 --rounds 2 --seconds 20 --out quick
+    .venv/bin/python -m bench.ab --max-items 1                    # both views, c=4,8,16, 4 rounds (~35 min on 2 cores)
+    .venv/bin/python -m bench.ab --views same-budget --levels 16 --rounds 2 --seconds 20 --out quick
 
 compare.py runs each of its four systems once per level, in an order that rotates per
 level. On a shared 2-core VM one 40 s level drifts by ~5% with what ran just before it
@@ -39,31 +39,34 @@ import psutil
 import typer
 from rich.progress import Progress
 
-from scanner_gateway.cli import cache_dir, ensure_dev_model
-from scanner_gateway.config import default_prompts_dir
-from scanner_gateway.scan.tasks import TaskRegistry
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import (  # noqa: E402
-    SCAN_FORM,
+from bench.common import (
     GpuMeter,
-    Send,
     busy_fraction,
-    capped_prompts,
-    closed_loop,
     console,
-    direct_sender,
+    exit_on_sigterm,
+    free_port,
     machine,
-    multipart,
-    photo_sets,
-    raw_direct_sender,
+    pct,
     results_base,
     settle,
     start,
+    stop,
+    wait_http,
+)
+from bench.scan_load import (
+    SCAN_FORM,
+    Send,
+    capped_prompts,
+    closed_loop,
+    direct_sender,
+    multipart,
+    photo_sets,
+    raw_direct_sender,
     start_engine,
 )
-from overload import pct  # noqa: E402
-from passthrough import free_port, wait_http  # noqa: E402
+from scanner_gateway.cli import cache_dir, ensure_dev_model
+from scanner_gateway.config import default_prompts_dir
+from scanner_gateway.scan.tasks import TaskRegistry
 
 SYSTEMS = ("gateway", "vllm-direct")
 VIEWS = ("same-budget", "12mp")
@@ -225,46 +228,58 @@ def main(
         if "12mp" in chosen:  # ~3 MB of base64 per raw photo: built only when sent
             senders["12mp"] = {"gateway": multipart(scan_url, big, SCAN_FORM),
                                "vllm-direct": raw_direct_sender(engine_url, task, served, big)}
-        quiet, gpu = busy_fraction(3.0) + 0.2, GpuMeter()
-        runs: list[Run] = []
-        with Progress(console=console) as progress:
-            bar = progress.add_task("A/B rounds", total=len(chosen) * len(level_list) * rounds * 2)
-            for view in chosen:
-                for c in level_list:
-                    for rnd in range(rounds):
-                        order = SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]
-                        for position, system in enumerate(order):
-                            settle(quiet, gpu)
-                            run = measure(view, c, rnd, system, position, senders[view][system], seconds, cpu)
-                            runs.append(run)
-                            progress.console.print(f"{view} c={c} round {rnd} {system}: {run.qps:.2f} answers/s, "
-                                                   f"p95 {run.p95_ms:.0f} ms, {run.errors} errors")
-                            progress.advance(bar)
-        rows = summary(runs)
-        header = [
-            "# bench/ab.py: gateway against vllm-direct, paired rounds on one engine",
-            "",
-            f"Machine: {json.dumps(machine())}.",
-            f"product_scan, arrays capped at {max_items or 'the shipped maxItems'} (--max-items); {photos} distinct "
-            f"photos per view; vLLM caches off; {rounds} rounds of {seconds:g} s per system and level, ABBA order; "
-            "answers/s counted in the steady window (every client past its first answer). "
-            f"vllm-direct's finish reasons: {dict(finish)}.",
-        ]
-        lines = report_lines(rows, header)
-        base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-        base.with_suffix(".json").write_text(json.dumps(
-            {"machine": machine(), "max_items": max_items, "photos": photos, "seconds": seconds, "rounds": rounds,
-             "vllm_direct_finish_reasons": dict(finish), "summary": rows, "runs": [asdict(r) for r in runs]},
-            indent=1))
-        console.print("\n".join(lines[len(header):]))
-        console.print(f"wrote {base.with_suffix('.md')} and .json")
+        runs = abba_rounds(senders, chosen, level_list, rounds, seconds, cpu)
+        write_results(base, runs, finish, max_items=max_items, photos=photos, rounds=rounds, seconds=seconds)
     finally:
         if gateway is not None:
-            gateway.terminate()
-            gateway.wait()
+            stop(gateway)
         if engine is not None:
             engine.stop()
 
 
+def abba_rounds(senders: dict[str, dict[str, Send]], views: list[str], levels: list[int], rounds: int,
+                seconds: float, cpu: ProcessCpu) -> list[Run]:
+    """Every view and level in `rounds` rounds, the systems' order alternating (ABBA)."""
+    quiet, gpu = busy_fraction(3.0) + 0.2, GpuMeter()
+    runs: list[Run] = []
+    with Progress(console=console) as progress:
+        bar = progress.add_task("A/B rounds", total=len(views) * len(levels) * rounds * 2)
+        for view in views:
+            for c in levels:
+                for rnd in range(rounds):
+                    order = SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]
+                    for position, system in enumerate(order):
+                        settle(quiet, gpu)
+                        run = measure(view, c, rnd, system, position, senders[view][system], seconds, cpu)
+                        runs.append(run)
+                        progress.console.print(f"{view} c={c} round {rnd} {system}: {run.qps:.2f} answers/s, "
+                                               f"p95 {run.p95_ms:.0f} ms, {run.errors} errors")
+                        progress.advance(bar)
+    return runs
+
+
+def write_results(base: Path, runs: list[Run], finish: Counter, *, max_items: int, photos: int, rounds: int,
+                  seconds: float) -> None:
+    rows = summary(runs)
+    header = [
+        "# bench/ab.py: gateway against vllm-direct, paired rounds on one engine",
+        "",
+        f"Machine: {json.dumps(machine())}.",
+        f"product_scan, arrays capped at {max_items or 'the shipped maxItems'} (--max-items); {photos} distinct "
+        f"photos per view; vLLM caches off; {rounds} rounds of {seconds:g} s per system and level, ABBA order; "
+        "answers/s counted in the steady window (every client past its first answer). "
+        f"vllm-direct's finish reasons: {dict(finish)}.",
+    ]
+    lines = report_lines(rows, header)
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    base.with_suffix(".json").write_text(json.dumps(
+        {"machine": machine(), "max_items": max_items, "photos": photos, "seconds": seconds, "rounds": rounds,
+         "vllm_direct_finish_reasons": dict(finish), "summary": rows, "runs": [asdict(r) for r in runs]},
+        indent=1))
+    console.print("\n".join(lines[len(header):]))
+    console.print(f"wrote {base.with_suffix('.md')} and .json")
+
+
 if __name__ == "__main__":
+    exit_on_sigterm()
     typer.run(main)

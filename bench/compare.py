@@ -1,7 +1,7 @@
 """The original design's table, measured side by side in one run on one machine.
 
-    .venv/bin/python bench/compare.py                        # full CPU run, dev model (~40 min on 2 cores)
-    .venv/bin/python bench/compare.py --model DIR --load-format dummy   # a GPU box (bench/README.md)
+    .venv/bin/python -m bench.compare                        # full CPU run, dev model (~40 min on 2 cores)
+    .venv/bin/python -m bench.compare --model DIR --load-format dummy   # a GPU box (bench/README.md)
 
 Four systems, the same model, the same synthetic shelf photos (48 distinct ones, cycled;
 vLLM's prefix and processor caches off, so no repeat is answered from a cache), the same task (product_scan, English prompt) and greedy decoding:
@@ -40,13 +40,8 @@ Writes bench/results/<name>.md, .json and .png.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
-import os
-import platform
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -55,37 +50,54 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import typer
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from rich.console import Console
 from rich.progress import Progress
 
-from scanner_gateway.cli import DEV_MAX_MODEL_LEN, cache_dir, ensure_dev_model
+from bench.common import (
+    CpuMeter,
+    GpuMeter,
+    busy_fraction,
+    console,
+    exit_on_sigterm,
+    free_port,
+    machine,
+    pct,
+    results_base,
+    settle,
+    start,
+    stop,
+    wait_http,
+)
+from bench.scan_load import (
+    RESOLUTIONS,
+    SCAN_FORM,
+    WARM_UP_CONCURRENCY,
+    WARM_UP_REQUESTS,
+    Send,
+    TokenTally,
+    capped_prompts,
+    closed_loop,
+    direct_sender,
+    multipart,
+    open_loop,
+    photo_sets,
+    raw_direct_sender,
+    start_engine,
+    warm_up,
+)
+from scanner_gateway.cli import cache_dir, ensure_dev_model
 from scanner_gateway.config import default_prompts_dir
-from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
-from scanner_gateway.scan.images import NormalizedImage, normalize_image
+from scanner_gateway.engine.launcher import ManagedEngine
+from scanner_gateway.scan.images import NormalizedImage
 from scanner_gateway.scan.service import build_messages, build_payload
 from scanner_gateway.scan.tasks import Task, TaskRegistry
-from scanner_gateway.synthetic import shelf_jpeg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overload import pct  # noqa: E402
-from passthrough import free_port, wait_http  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-# The photos cycle, so vLLM's prefix and multimodal-processor caches would answer repeats
-# (93% prefix hits, 100% processor hits, measured): a workload no store sends. Off, every
-# request pays its image work, as with real, always-new photos.
-CACHES_OFF = ["--no-enable-prefix-caching", "--mm-processor-cache-gb", "0"]
 SYSTEMS = ("seed-before", "seed-after", "gateway", "vllm-direct")
-console = Console()
 
 
 @dataclass
@@ -135,157 +147,6 @@ class SystemResult:
         if meets and level.qps > self.max_qps:
             self.max_qps, self.at_max = level.qps, level
         return meets
-
-
-class CpuMeter:
-    """Machine-wide CPU busy fraction between start() and stop() (/proc/stat)."""
-
-    @staticmethod
-    def _read() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields) - idle, sum(fields)
-
-    def start(self) -> None:
-        self._t0 = self._read()
-
-    def stop(self) -> float:
-        busy, total = (a - b for a, b in zip(self._read(), self._t0, strict=True))
-        return busy / total if total else 0.0
-
-
-class GpuMeter:
-    """Mean GPU utilisation and peak memory while running, through NVML; None without a GPU."""
-
-    def __init__(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            self.nvml = pynvml
-        except Exception:
-            self.handles = []
-
-    def sample_while(self, stop: threading.Event, out: dict) -> None:
-        utils, mem = [], 0.0
-        while not stop.wait(0.2):
-            for h in self.handles:
-                utils.append(self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
-                mem = max(mem, self.nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
-        out.update(util=statistics.mean(utils) if utils else None, mem=mem or None)
-
-    def busy(self) -> float:
-        """The busiest GPU's utilisation now (NVML's last sample period); 0 without one."""
-        return max((self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100 for h in self.handles), default=0.0)
-
-
-Send = Callable[[httpx.AsyncClient, int], Awaitable[int]]  # -> HTTP status
-WARM_UP_REQUESTS, WARM_UP_CONCURRENCY = 8, 4  # every system alike; 4 at a time reaches each seed-after worker
-
-
-@dataclass
-class TokenTally:
-    """Prompt and completion tokens of a system's answers, as it reports them (the
-    gateway's and vLLM's `usage`, the seeds' own count): the same-budget claim, shown."""
-    answers: int = 0
-    prompt: int = 0
-    completion: int = 0
-
-    def add(self, usage: dict | None) -> None:
-        if usage:
-            self.answers += 1
-            self.prompt += usage.get("prompt_tokens", 0)
-            self.completion += usage.get("completion_tokens", 0)
-
-    def reset(self) -> None:
-        self.answers = self.prompt = self.completion = 0
-
-    def fill(self, result: SystemResult) -> None:
-        if self.answers:
-            result.prompt_tokens, result.completion_tokens = self.prompt / self.answers, self.completion / self.answers
-
-
-def warm_up(send: Send, requests: int = WARM_UP_REQUESTS, concurrency: int = WARM_UP_CONCURRENCY) -> None:
-    """Requests not measured, so no system's first (cold) answers land in its figures."""
-    async def run() -> None:
-        async with httpx.AsyncClient(timeout=900) as client:
-            async def worker(w: int) -> None:
-                for i in range(w, requests, concurrency):
-                    await send(client, i)
-            await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    asyncio.run(run())
-
-
-async def closed_loop(send: Send, concurrency: int, seconds: float, timeout_s: float) -> tuple[list[float], int, float | None]:
-    """Latencies (ms) of the 200s, errors, and the answers/s in the steady window.
-
-    The steady window runs from the moment every client has had its first answer (the
-    start-up ramp is over) to the end of the level; requests still running then finish
-    and count in the latencies, not in the throughput. None: the window was too short
-    or held fewer answers than clients.
-    """
-    latencies: list[float] = []
-    answered_at: list[float] = []
-    first_answer: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker(w: int) -> None:
-            nonlocal errors
-            i = w
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                try:
-                    ok = await send(client, i) == 200
-                except httpx.HTTPError:
-                    ok = False
-                t1 = time.perf_counter()
-                if ok:
-                    latencies.append((t1 - t0) * 1000)
-                    answered_at.append(t1)
-                else:
-                    errors += 1
-                if i == w:
-                    first_answer.append(t1)
-                i += concurrency
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    steady_from = max(first_answer) if len(first_answer) == concurrency else stop
-    in_window = sum(steady_from < t <= stop for t in answered_at)
-    # Fewer answers than clients in the window is too coarse a count to call a rate
-    # (a slow engine on a short level can land none at all).
-    if stop - steady_from < seconds / 4 or in_window < concurrency:
-        return latencies, errors, None
-    return latencies, errors, in_window / (stop - steady_from)
-
-
-async def open_loop(send: Send, rate: float, seconds: float, timeout_s: float) -> tuple[Counter, list[float], float]:
-    """Outcomes ("200", "429", "5xx", "timeout", "connection", "4xx") offering `rate`
-    requests/s, the latencies (ms) of the 200s, and the seconds until the last outcome."""
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
-    answered: list[float] = []
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def one(i: int) -> str:
-            t0 = time.perf_counter()
-            try:
-                status = await send(client, i)
-            except httpx.TimeoutException:
-                return "timeout"
-            except httpx.HTTPError:
-                return "connection"
-            if status == 200:
-                answered.append((time.perf_counter() - t0) * 1000)
-            return "200" if status == 200 else "429" if status == 429 else f"{status // 100}xx"
-        tasks = []
-        started = time.perf_counter()
-        for i in range(max(1, int(rate * seconds))):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        outcomes = Counter(await asyncio.gather(*tasks))
-        return outcomes, answered, time.perf_counter() - started
 
 
 def measure(send: Send, concurrency: int, seconds: float, timeout_s: float, gpu: GpuMeter) -> Level:
@@ -369,85 +230,6 @@ def admission_for(result: SystemResult, slo_s: float) -> dict[str, str]:
     return {"SCANNER_MAX_QUEUE_WAIT_S": f"{max(1.0, slo_s - at.p95_ms / 1000):.1f}"}
 
 
-def busy_fraction(seconds: float = 1.0) -> float:
-    meter = CpuMeter()
-    meter.start()
-    time.sleep(seconds)
-    return meter.stop()
-
-
-GPU_IDLE = 0.05  # utilisation under which a GPU counts as idle between levels
-
-
-def settle(idle_below: float, gpu: GpuMeter, max_s: float = 180.0) -> None:
-    """Wait until the machine is quiet: work a system queued during overload (and keeps
-    doing after its clients gave up) must not slow the next measurement. The GPU too: a
-    seed whose clients timed out works through its backlog there on one CPU core, which
-    the CPU check alone missed (likely what cut the gateway's c=64 level below its c=16
-    one, GPU 97% busy, in results/compare-h200-12mp)."""
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline:
-        if busy_fraction() < idle_below and gpu.busy() < GPU_IDLE:
-            return
-    console.print(f"[yellow]machine still busy after {max_s:g} s; going on")
-
-
-def git_commit() -> str:
-    """The code measured: HEAD's short hash, "-dirty" when the tree has changes."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return (head.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
-
-
-def results_base(out: str | None, prefix: str) -> Path:
-    """Where a run writes its files: `out`, by default a name of its own (prefix, UTC time,
-    commit); never over results already there (committed ones included)."""
-    name = out or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{git_commit()}"
-    base = ROOT / "bench" / "results" / name
-    taken = [p.name for p in (base.with_suffix(".md"), base.with_suffix(".json")) if p.exists()]
-    if taken:
-        raise typer.BadParameter(f"{', '.join(taken)} already exist(s): results are never overwritten; "
-                                 "pass another --out")
-    return base
-
-
-def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-    gpus = []
-    gm = GpuMeter()
-    for h in gm.handles:
-        gpus.append(gm.nvml.nvmlDeviceGetName(h))
-    try:
-        from importlib.metadata import version
-        vllm = version("vllm")
-    except Exception:  # noqa: BLE001 - no engine package here: say so, do not fail the report
-        vllm = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "gpus": gpus,
-            "commit": git_commit(), "vllm": vllm, "command": shlex.join(sys.argv),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "vllm_cpu_reserved_cpu": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "default (1 core for the API)")}
-
-
-def start(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    """In a session of its own, so `stop` ends its worker processes too (seed-after's)."""
-    if log is None:
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """Signal the whole process group: a supervisor SIGKILLed alone leaves its workers running."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    proc.wait()
-
-
 def main(
     model: str = typer.Option(None, help="Model dir (default: the dev model)."),
     engine_url: str = typer.Option(None, help="Use this running vLLM instead of starting one."),
@@ -481,295 +263,271 @@ def main(
     if engine_url and engine_args:
         raise typer.BadParameter("flags for an engine the bench starts; it starts none with --engine-url",
                                  param_hint="--engine-args")
-    prompts_dir = capped_prompts(max_items) if max_items else default_prompts_dir()
+    run(Options(model=model, engine_url=engine_url, engine_args=engine_args, engine_has_budget=engine_has_budget,
+                seconds=seconds, levels=[int(c) for c in levels.split(",") if c], slo_s=slo_s,
+                overload_seconds=overload_seconds, photos=photos,
+                systems=[s for s in SYSTEMS if s in systems.split(",")], same_budget=same_budget,
+                as_designed=as_designed, overload=overload, out=out, warm_up=warm_up_requests,
+                seed_after_workers=seed_after_workers, max_items=max_items))
+
+
+@dataclass
+class Options:
+    """The run, as the command line asked for it."""
+
+    model: str | None
+    engine_url: str | None
+    engine_args: str
+    engine_has_budget: bool
+    seconds: float
+    levels: list[int]
+    slo_s: float
+    overload_seconds: float
+    photos: int
+    systems: list[str]
+    same_budget: bool
+    as_designed: bool
+    overload: bool
+    out: str | None
+    warm_up: int
+    seed_after_workers: int
+    max_items: int
+
+
+class Servers:
+    """The processes a run measures: vLLM (unless given one), the gateway, the seeds."""
+
+    def __init__(self, opts: Options, prompts_dir: Path, model_dir: str) -> None:
+        self.opts, self.prompts_dir, self.model_dir = opts, prompts_dir, model_dir
+        self.engine: ManagedEngine | None = None
+        self.engine_url = opts.engine_url or ""
+        self.served = ""
+        self.procs: list[subprocess.Popen] = []
+        self.gateway: subprocess.Popen | None = None
+        self.gw_port = free_port()
+        self.gateway_log = Path(tempfile.mkdtemp(prefix="bench-compare-")) / "gateway.log"
+        self.gateway_work: Counter = Counter()  # summed over the gateway's restarts
+        self.seed_ports: dict[str, int] = {}
+        self.seed_procs: dict[str, subprocess.Popen] = {}
+        self.out_tokens = 0
+
+    def start_engine(self, registry: TaskRegistry, task: Task) -> None:
+        if not self.engine_url:
+            self.engine = start_engine(self.model_dir, registry, task, shlex.split(self.opts.engine_args))
+            self.engine_url = self.engine.base_url
+        self.served = httpx.get(f"{self.engine_url}/v1/models").json()["data"][0]["id"]
+
+    def start_gateway(self, admission: dict[str, str]) -> None:
+        """(Re)start the gateway with these admission settings, its counters kept."""
+        if self.gateway is not None:
+            self.gateway_work.update(gateway_counters(self.gw_port))
+            stop(self.gateway)
+        self.gateway = start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", self.engine_url,
+                              "--port", str(self.gw_port)],
+                             {"SCANNER_MODEL": self.served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
+                              "SCANNER_PROMPTS_DIR": str(self.prompts_dir), **admission}, log=self.gateway_log)
+        self.procs.append(self.gateway)
+        wait_http(f"http://127.0.0.1:{self.gw_port}/ready")
+
+    def gateway_work_now(self) -> Counter:
+        work = Counter(self.gateway_work)
+        work.update(gateway_counters(self.gw_port))
+        return work
+
+    def start_seed(self, name: str) -> None:
+        self.seed_ports.setdefault(name, free_port())
+        workers = ["--workers", str(self.opts.seed_after_workers)] if name == "after" else []
+        self.seed_procs[name] = start([sys.executable, "-m", "bench.seed_systems", name, "--model", self.model_dir,
+                                       "--port", str(self.seed_ports[name]), "--max-new-tokens", str(self.out_tokens),
+                                       *workers])
+        self.procs.append(self.seed_procs[name])
+        wait_http(f"http://127.0.0.1:{self.seed_ports[name]}/health", timeout=300)
+
+    def restart_seed(self, name: str) -> None:
+        """A seed keeps working through its overload backlog after the clients left: restart it."""
+        stop(self.seed_procs[name], signal.SIGKILL)
+        self.start_seed(name)
+
+    def seed_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.seed_ports.get(name)}/scan"
+
+    def close(self) -> None:
+        for proc in self.procs:
+            stop(proc)
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def calibrate_output_tokens(engine_url: str, task: Task, served: str, sized: list[NormalizedImage]) -> int:
+    """How long vLLM's JSON answers are: the transformers seeds generate that many tokens."""
+    usage = []
+    with httpx.Client(timeout=300) as c:
+        for img in sized[:6]:
+            payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
+            answer = c.post(f"{engine_url}/v1/chat/completions", json=payload)
+            if answer.status_code != 200:  # e.g. a config vLLM loads as a pooling model
+                raise SystemExit(f"vLLM at {engine_url} cannot answer the task: {answer.status_code} "
+                                 f"{answer.text[:500]}")
+            usage.append(answer.json()["usage"]["completion_tokens"])
+    return round(statistics.mean(usage))
+
+
+@dataclass
+class Workload:
+    """What each system is sent, per view, and what came back (tokens, finish reasons)."""
+
+    same_budget: dict[str, Send]
+    designed: dict[str, Send]
+    tokens: dict[str, TokenTally]
+    direct_finish: Counter  # vLLM's finish reasons: "length" = a JSON cut off
+
+
+def build_workload(servers: Servers, task: Task, sized: list[NormalizedImage], big: list[bytes]) -> Workload:
+    tokens: dict[str, TokenTally] = defaultdict(TokenTally)  # by system and view
+    finish: Counter = Counter()
+    scan_url = f"http://127.0.0.1:{servers.gw_port}/v1/scan"
+    sized_bytes = [img.jpeg for img in sized]
+    same = {
+        "seed-before": multipart(servers.seed_url("before"), sized_bytes, {}, tokens["seed-before"]),
+        "seed-after": multipart(servers.seed_url("after"), sized_bytes, {}, tokens["seed-after"]),
+        "gateway": multipart(scan_url, sized_bytes, SCAN_FORM, tokens["gateway"]),
+        "vllm-direct": direct_sender(servers.engine_url, task, servers.served, sized, finish, tokens["vllm-direct"]),
+    }
+    designed = {
+        "gateway": multipart(scan_url, big, SCAN_FORM, tokens["gateway (12 MP)"]),
+        "seed-before": multipart(servers.seed_url("before"), big, {}, tokens["seed-before (12 MP)"]),
+    }
+    if servers.engine is not None or servers.opts.engine_has_budget:  # else vLLM would see the raw photo whole
+        designed["vllm-direct"] = raw_direct_sender(servers.engine_url, task, servers.served, big,
+                                                    tokens["vllm-direct (12 MP)"])
+    chosen = servers.opts.systems
+    return Workload({n: same[n] for n in chosen}, {n: designed[n] for n in designed if n in chosen}, tokens, finish)
+
+
+@dataclass
+class Results:
+    same_budget: dict[str, SystemResult] = field(default_factory=dict)
+    designed: dict[str, SystemResult] = field(default_factory=dict)
+
+    def views(self) -> tuple[tuple[str, dict[str, SystemResult]], ...]:
+        return (("", self.same_budget), (" (12 MP)", self.designed))
+
+    def fill_tokens(self, tokens: dict[str, TokenTally]) -> None:
+        for view, runs in self.views():
+            for name, result in runs.items():
+                if f"{name}{view}" in tokens:
+                    result.prompt_tokens, result.completion_tokens = tokens[f"{name}{view}"].means()
+
+
+def run(opts: Options) -> None:
+    prompts_dir = capped_prompts(opts.max_items) if opts.max_items else default_prompts_dir()
     registry = TaskRegistry.load(prompts_dir)
     task = registry.get("product_scan")
-    sized, big = photo_sets(task, photos)
-    model_dir = model or str(ensure_dev_model(cache_dir() / "dev-model"))
-    procs: list[subprocess.Popen] = []
-    engine = None
+    sized, big = photo_sets(task, opts.photos)
+    servers = Servers(opts, prompts_dir, opts.model or str(ensure_dev_model(cache_dir() / "dev-model")))
     try:
-        if engine_url is None:
-            engine = start_engine(model_dir, registry, task, shlex.split(engine_args))
-            engine_url = engine.base_url
-        served = httpx.get(f"{engine_url}/v1/models").json()["data"][0]["id"]
-
-        direct_finish: Counter = Counter()  # vLLM's finish reasons: "length" = a JSON cut off
-        tokens: dict[str, TokenTally] = defaultdict(TokenTally)  # by system and view
-        vllm_direct = direct_sender(engine_url, task, served, sized, direct_finish, tokens["vllm-direct"])
-        vllm_direct_raw = raw_direct_sender(engine_url, task, served, big, tokens["vllm-direct (12 MP)"])
-
-        # Calibrate the output length the transformers systems must match.
-        usage = []
-        with httpx.Client(timeout=300) as c:
-            for img in sized[:6]:
-                payload = build_payload(task, served, build_messages(task, [img], "en"), 1, task.spec.sampling.max_tokens)
-                answer = c.post(f"{engine_url}/v1/chat/completions", json=payload)
-                if answer.status_code != 200:  # e.g. a config vLLM loads as a pooling model
-                    raise SystemExit(f"vLLM at {engine_url} cannot answer the task: {answer.status_code} "
-                                     f"{answer.text[:500]}")
-                usage.append(answer.json()["usage"]["completion_tokens"])
-        out_tokens = round(statistics.mean(usage))
-        console.print(f"vLLM answers product_scan in {out_tokens} tokens on average: the seed systems generate that many")
-
-        gw_port = free_port()
-        gateway_log = Path(tempfile.mkdtemp(prefix="bench-compare-")) / "gateway.log"
-        console.print(f"gateway log (JSON lines, warnings and errors): {gateway_log}")
-        gateway: list[subprocess.Popen] = []
-        gateway_work: Counter = Counter()  # summed over the gateway's restarts
-
-        def start_gateway(admission: dict[str, str]) -> None:
-            """(Re)start the gateway with these admission settings, its counters kept."""
-            if gateway:
-                gateway_work.update(gateway_counters(gw_port))
-                stop(gateway[0])
-                gateway.clear()
-            gateway.append(start([sys.executable, "-m", "scanner_gateway", "serve", "--upstream", engine_url,
-                                  "--port", str(gw_port)],
-                                 {"SCANNER_MODEL": served, "SCANNER_DRAIN_S": "0", "SCANNER_ACCESS_LOG": "false",
-                                  "SCANNER_PROMPTS_DIR": str(prompts_dir), **admission}, log=gateway_log))
-            procs.append(gateway[0])
-            wait_http(f"http://127.0.0.1:{gw_port}/ready")
-
-        level_list = [int(c) for c in levels.split(",") if c]
-        start_gateway({})  # admission at its defaults, as users run it
-        seed_ports: dict[str, int] = {}
-        seed_procs: dict[str, subprocess.Popen] = {}
-
-        def start_seed(name: str) -> None:
-            seed_ports.setdefault(name, free_port())
-            seed_procs[name] = start([sys.executable, "bench/seed_systems.py", name, "--model", model_dir,
-                                      "--port", str(seed_ports[name]), "--max-new-tokens", str(out_tokens),
-                                      *(["--workers", str(seed_after_workers)] if name == "after" else [])])
-            procs.append(seed_procs[name])
-            wait_http(f"http://127.0.0.1:{seed_ports[name]}/health", timeout=300)
-
-        def restart_seed(name: str) -> None:
-            """A seed keeps working through its overload backlog after the clients left: restart it."""
-            stop(seed_procs[name], signal.SIGKILL)
-            start_seed(name)
-
+        servers.start_engine(registry, task)
+        servers.out_tokens = calibrate_output_tokens(servers.engine_url, task, servers.served, sized)
+        console.print(f"vLLM answers product_scan in {servers.out_tokens} tokens on average: "
+                      "the seed systems generate that many")
+        console.print(f"gateway log (JSON lines, warnings and errors): {servers.gateway_log}")
+        servers.start_gateway({})  # admission at its defaults, as users run it
         for name in ("before", "after"):
-            if f"seed-{name}" in systems:
-                start_seed(name)
-
-        sized_bytes = [img.jpeg for img in sized]
-        senders: dict[str, Send] = {
-            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", sized_bytes, {},
-                                     tokens["seed-before"]),
-            "seed-after": multipart(f"http://127.0.0.1:{seed_ports.get('after')}/scan", sized_bytes, {},
-                                    tokens["seed-after"]),
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", sized_bytes, SCAN_FORM, tokens["gateway"]),
-            "vllm-direct": vllm_direct,
-        }
-        chosen = [s for s in SYSTEMS if s in systems.split(",")]
-        gpu = GpuMeter()
-        designed: dict[str, SystemResult] = {}
-        designed_senders = {
-            "gateway": multipart(f"http://127.0.0.1:{gw_port}/v1/scan", big, SCAN_FORM, tokens["gateway (12 MP)"]),
-            "seed-before": multipart(f"http://127.0.0.1:{seed_ports.get('before')}/scan", big, {},
-                                     tokens["seed-before (12 MP)"]),
-        }
-        if engine is not None or engine_has_budget:  # else vLLM would see the raw photo at full size
-            designed_senders["vllm-direct"] = vllm_direct_raw
-        base = results_base(out, "compare")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        level_log = base.with_suffix(".levels.jsonl")
-        level_log.write_text("")
-        console.print(f"each level as it ends: {level_log}")
-        sweep_args = {"levels": level_list, "seconds": seconds, "slo_s": slo_s, "gpu": gpu, "log": level_log}
-        quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
-
-        def report_now(work: Counter, overload_done: bool) -> dict:
-            return {"machine": machine(), "gateway_work": dict(work), "engine_cache_hits": engine_cache_hits(engine_url),
-                    "gateway_overload_settings": {view: runs["gateway"].overload_settings
-                                                  for view, runs in (("same budget", results), ("12 MP", designed))
-                                                  if "gateway" in runs and runs["gateway"].overload_settings},
-                    "vllm_direct_finish_reasons": dict(direct_finish), "task": "product_scan",
-                    "max_items": max_items or None, "output_tokens": out_tokens, "slo_p95_s": slo_s,
-                    "seed_after_workers": seed_after_workers, "warm_up": warm_up_requests,
-                    "overload_run": overload_done, "overload_pending": overload and not overload_done,
-                    "same_budget_run": same_budget,
-                    "seconds_per_level": seconds, "photos": photos, "resolutions": RESOLUTIONS,
-                    "same_budget": {k: asdict(v) for k, v in results.items()},
-                    "as_designed_12mp": {k: asdict(v) for k, v in designed.items()}}
-
-        console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
-        console.print(f"warming up every system alike: {warm_up_requests} requests, {WARM_UP_CONCURRENCY} at a time")
-        for name in chosen:
-            warm_up(senders[name], warm_up_requests)
-        for tally in tokens.values():
-            tally.reset()  # only measured answers count
-
-        def fill_tokens() -> None:
-            for view, runs in (("", results), (" (12 MP)", designed)):
-                for name, result in runs.items():
-                    if f"{name}{view}" in tokens:
-                        tokens[f"{name}{view}"].fill(result)
-        with Progress(console=console) as progress:
-            # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
-            results = (sweep({n: senders[n] for n in chosen}, quiet=quiet, progress=progress, **sweep_args)
-                       if same_budget else {})
-            if as_designed:
-                designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
-                    {f"{n} (12 MP)": designed_senders[n] for n in designed_senders if n in chosen},
-                    quiet=quiet, progress=progress, **sweep_args).items()}
-            if overload:  # the sweeps' report now: a run cut short in its 10x runs (a lent GPU's time) keeps it
-                interim = Counter(gateway_work)
-                interim.update(gateway_counters(gw_port))
-                fill_tokens()
-                write_report(report_now(interim, False), results, designed, base)
-            overloads = ((results, senders), (designed, designed_senders)) if overload else ()
-            bar = progress.add_task("10x overload runs", total=len(results) + len(designed), visible=overload)
-            for runs, send_of in overloads:
-                for name, result in runs.items():
-                    if name == "gateway":
-                        result.overload_settings = admission_for(result, slo_s)
-                        start_gateway(result.overload_settings)
-                    settle(quiet, gpu)
-                    overload_system(result, send_of[name], overload_seconds, slo_s)
-                    if name.startswith("seed-"):
-                        restart_seed(name.removeprefix("seed-"))
-                        progress.advance(bar)
-                        continue
-                    # The engine works on through the backlog after the clients gave up (and
-                    # has been OOM-killed doing so): wait for it here, so that its fate is put
-                    # down to the run that left the backlog, not to the next or to none.
-                    settle(quiet, gpu)
-                    if engine is not None and engine.exit_code is not None:
-                        # Unguarded, vLLM takes in every photo it is sent: a 10x burst of 12 MP
-                        # ones has had its API process OOM-killed here (18 GB). Say so, and go on.
-                        code = engine.exit_code
-                        result.overload_note = (f"vLLM exited during this run or the backlog it left (code {code}"
-                                                + (": SIGKILL, as the kernel's OOM killer sends" if code == -9 else "")
-                                                + "); restarted for what followed")
-                        console.print(f"[red]{name}: {result.overload_note}[/red]")
-                        engine.stop()
-                        engine.start()
-                        engine.wait_healthy(900)
-                    progress.advance(bar)
-        gateway_work.update(gateway_counters(gw_port))
-        fill_tokens()
-        write_report(report_now(gateway_work, overload), results, designed, base)
-        level_log.unlink()  # all of it is in the report now
+            if f"seed-{name}" in opts.systems:
+                servers.start_seed(name)
+        measure_all(opts, servers, build_workload(servers, task, sized, big))
     finally:
-        for proc in procs:
-            stop(proc)
-        if engine is not None:
-            engine.stop()
+        servers.close()
 
 
-RESOLUTIONS = [(1024, 768), (1600, 1200), (2000, 1500)]
-SCAN_FORM = {"task": "product_scan", "locale": "en"}
+def measure_all(opts: Options, servers: Servers, work: Workload) -> None:
+    base = results_base(opts.out, "compare")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    level_log = base.with_suffix(".levels.jsonl")
+    level_log.write_text("")
+    console.print(f"each level as it ends: {level_log}")
+    gpu = GpuMeter()
+    quiet = busy_fraction(3.0) + 0.2  # what "idle" is here, with every server up
+    console.print(f"idle machine: {100 * (quiet - 0.2):.0f}% CPU busy")
+    console.print(f"warming up every system alike: {opts.warm_up} requests, {WARM_UP_CONCURRENCY} at a time")
+    for send in work.same_budget.values():
+        warm_up(send, opts.warm_up)
+    for tally in work.tokens.values():
+        tally.reset()  # only measured answers count
+    results = Results()
+    sweep_args = {"levels": opts.levels, "seconds": opts.seconds, "slo_s": opts.slo_s, "gpu": gpu, "log": level_log}
+    with Progress(console=console) as progress:
+        # Every sweep first, on a quiet machine; the overloads (which leave work behind) last.
+        if opts.same_budget:
+            results.same_budget = sweep(work.same_budget, quiet=quiet, progress=progress, **sweep_args)
+        if opts.as_designed:
+            results.designed = {name.removesuffix(" (12 MP)"): result for name, result in sweep(
+                {f"{n} (12 MP)": send for n, send in work.designed.items()},
+                quiet=quiet, progress=progress, **sweep_args).items()}
+        if opts.overload:  # the sweeps' report now: a run cut short in its 10x runs (a lent GPU's time) keeps it
+            results.fill_tokens(work.tokens)
+            write_report(report(opts, servers, work, results, servers.gateway_work_now(), False),
+                         results.same_budget, results.designed, base)
+            overload_all(opts, servers, work, results, quiet, gpu, progress)
+    results.fill_tokens(work.tokens)
+    write_report(report(opts, servers, work, results, servers.gateway_work_now(), opts.overload),
+                 results.same_budget, results.designed, base)
+    level_log.unlink()  # all of it is in the report now
 
 
-def photo_sets(task: Task, photos: int) -> tuple[list[NormalizedImage], list[bytes]]:
-    """`photos` distinct shelf photos at three resolutions, already sized to the task's
-    budget, and as many distinct 12 MP ones (vLLM's encoder cache must find no repeat)."""
-    raw = [shelf_jpeg(*RESOLUTIONS[i % 3], seed=5000 + i) for i in range(photos)]
-    sized = [normalize_image(p, task.budget, max_bytes=2**26, max_pixels=10**8) for p in raw]
-    return sized, [shelf_jpeg(4000, 3000, seed=9000 + i) for i in range(photos)]
+def overload_all(opts: Options, servers: Servers, work: Workload, results: Results, quiet: float, gpu: GpuMeter,
+                 progress: Progress) -> None:
+    bar = progress.add_task("10x overload runs", total=len(results.same_budget) + len(results.designed))
+    for runs, send_of in ((results.same_budget, work.same_budget), (results.designed, work.designed)):
+        for name, result in runs.items():
+            if name == "gateway":
+                result.overload_settings = admission_for(result, opts.slo_s)
+                servers.start_gateway(result.overload_settings)
+            settle(quiet, gpu)
+            overload_system(result, send_of[name], opts.overload_seconds, opts.slo_s)
+            if name.startswith("seed-"):
+                servers.restart_seed(name.removeprefix("seed-"))
+            else:
+                # The engine works on through the backlog after the clients gave up (and
+                # has been OOM-killed doing so): wait for it here, so that its fate is put
+                # down to the run that left the backlog, not to the next or to none.
+                settle(quiet, gpu)
+                restart_engine_if_it_died(servers, name, result)
+            progress.advance(bar)
 
 
-def bench_engine_options(model_dir: str, registry: TaskRegistry, task: Task,
-                         extra_args: Sequence[str] = ()) -> EngineOptions:
-    """vLLM on `model_dir` as the bench runs it: the gateway's own flags, the task's budget
-    applied server-side (for raw photos sent straight to it), its prefix and processor
-    caches off, then `extra_args` (a GPU run's `--load-format dummy`, say)."""
-    return EngineOptions(model=model_dir, served_model_name=DEV_SERVED_NAME, port=free_port(),
-                         max_images=registry.most_images(),
-                         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
-                         max_model_len=DEV_MAX_MODEL_LEN,
-                         extra_args=["--mm-processor-kwargs", json.dumps(server_side_budget(task)), *CACHES_OFF,
-                                     *extra_args])
-
-
-def start_engine(model_dir: str, registry: TaskRegistry, task: Task, extra_args: Sequence[str] = ()) -> ManagedEngine:
-    engine = ManagedEngine(bench_engine_options(model_dir, registry, task, extra_args),
-                           Path(tempfile.mkdtemp()) / "vllm.log")
-    console.print(f"starting vLLM ... (log: {engine.log_path})")
+def restart_engine_if_it_died(servers: Servers, name: str, result: SystemResult) -> None:
+    engine = servers.engine
+    if engine is None or engine.exit_code is None:
+        return
+    # Unguarded, vLLM takes in every photo it is sent: a 10x burst of 12 MP ones has had
+    # its API process OOM-killed here (18 GB). Say so, and go on.
+    code = engine.exit_code
+    result.overload_note = (f"vLLM exited during this run or the backlog it left (code {code}"
+                            + (": SIGKILL, as the kernel's OOM killer sends" if code == -9 else "")
+                            + "); restarted for what followed")
+    console.print(f"[red]{name}: {result.overload_note}[/red]")
+    engine.stop()
     engine.start()
     engine.wait_healthy(900)
-    return engine
 
 
-def multipart(url: str, pictures: list[bytes], extra: dict, tally: TokenTally | None = None) -> Send:
-    """POST each photo in turn as a multipart upload (the gateway's and the seeds' API)."""
-    async def send(client: httpx.AsyncClient, i: int) -> int:
-        r = await client.post(url, files={"image": ("shelf.jpg", pictures[i % len(pictures)], "image/jpeg")},
-                              data=extra)
-        if tally is not None and r.status_code == 200:
-            tally.add(r.json().get("usage"))
-        return r.status_code
-    return send
-
-
-def direct_sender(engine_url: str, task: Task, served: str, sized: list[NormalizedImage], finish: Counter,
-                  tally: TokenTally | None = None) -> Send:
-    """The gateway's own prompt and sized photo straight to vLLM; its finish reasons are
-    counted ("length": a JSON cut off, which vllm-direct still counts as an answer)."""
-    async def send(client: httpx.AsyncClient, i: int) -> int:
-        payload = build_payload(task, served, build_messages(task, [sized[i % len(sized)]], "en"), 1,
-                                task.spec.sampling.max_tokens)
-        r = await client.post(f"{engine_url}/v1/chat/completions", json=payload)
-        if r.status_code == 200:
-            answer = r.json()
-            finish[answer["choices"][0]["finish_reason"]] += 1
-            if tally is not None:
-                tally.add(answer.get("usage"))
-        return r.status_code
-    return send
-
-
-def raw_direct_sender(engine_url: str, task: Task, served: str, photos: list[bytes],
-                      tally: TokenTally | None = None) -> Send:
-    """Raw photos straight to vLLM. The bodies are built once, so the load generator
-    spends no CPU per request on base64 and JSON."""
-    bodies = [json.dumps(build_payload(task, served, build_messages(task, [raw_image(photo)], "en"), 1,
-                                       task.spec.sampling.max_tokens)).encode() for photo in photos]
-
-    async def send(client: httpx.AsyncClient, i: int) -> int:
-        r = await client.post(f"{engine_url}/v1/chat/completions", content=bodies[i % len(bodies)],
-                              headers={"content-type": "application/json"})
-        if tally is not None and r.status_code == 200:
-            tally.add(r.json().get("usage"))
-        return r.status_code
-    return send
-
-
-def capped_prompts(max_items: int) -> Path:
-    """A copy of prompts/ whose product_scan arrays hold at most `max_items` (never fewer
-    than their minItems: a box stays four numbers)."""
-    copy = Path(tempfile.mkdtemp(prefix="bench-prompts-"))
-    for path in default_prompts_dir().glob("*.yaml"):
-        shutil.copy(path, copy / path.name)
-    spec = yaml.safe_load((copy / "product_scan.yaml").read_text())
-
-    def cap(node: object) -> None:
-        if isinstance(node, dict):
-            if "maxItems" in node:
-                node["maxItems"] = max(node.get("minItems", 0), min(node["maxItems"], max_items))
-            for child in node.values():
-                cap(child)
-        elif isinstance(node, list):
-            for child in node:
-                cap(child)
-
-    cap(spec["result_schema"])
-    (copy / "product_scan.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
-    return copy
-
-
-def server_side_budget(task: Task) -> dict:
-    """vLLM's `--mm-processor-kwargs` for the task's pixel budget: Qwen-VL processors read
-    `size` as pixel counts (longest_edge = max pixels, shortest_edge = min pixels)."""
-    budget = task.budget
-    return {"size": {"longest_edge": budget.max_pixels, "shortest_edge": budget.min_pixels}}
-
-
-def raw_image(photo: bytes) -> SimpleNamespace:
-    """A photo as is, where build_messages takes a normalised one (only its data URL is used)."""
-    return SimpleNamespace(data_url="data:image/jpeg;base64," + base64.b64encode(photo).decode())
+def report(opts: Options, servers: Servers, work: Workload, results: Results, gateway_work: Counter,
+           overload_done: bool) -> dict:
+    return {"machine": machine(), "gateway_work": dict(gateway_work),
+            "engine_cache_hits": engine_cache_hits(servers.engine_url),
+            "gateway_overload_settings": {view: runs["gateway"].overload_settings
+                                          for view, runs in (("same budget", results.same_budget),
+                                                             ("12 MP", results.designed))
+                                          if "gateway" in runs and runs["gateway"].overload_settings},
+            "vllm_direct_finish_reasons": dict(work.direct_finish), "task": "product_scan",
+            "max_items": opts.max_items or None, "output_tokens": servers.out_tokens, "slo_p95_s": opts.slo_s,
+            "seed_after_workers": opts.seed_after_workers, "warm_up": opts.warm_up,
+            "overload_run": overload_done, "overload_pending": opts.overload and not overload_done,
+            "same_budget_run": opts.same_budget,
+            "seconds_per_level": opts.seconds, "photos": opts.photos, "resolutions": RESOLUTIONS,
+            "same_budget": {k: asdict(v) for k, v in results.same_budget.items()},
+            "as_designed_12mp": {k: asdict(v) for k, v in results.designed.items()}}
 
 
 def gateway_counters(port: int) -> Counter:
@@ -935,4 +693,5 @@ def plot(results: dict[str, SystemResult], designed: dict[str, SystemResult], pa
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     typer.run(main)

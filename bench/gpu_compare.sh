@@ -17,5 +17,5 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 model=${MODEL_DIR:-/tmp/scanner-bench/qwen3-vl-8b}
 [ -f "$model/config.json" ] || $PYTHON -m scanner_gateway make-dev-model "$model" --preset qwen3-vl-8b
-exec $PYTHON bench/compare.py --model "$model" --out "$name" \
+exec $PYTHON -m bench.compare --model "$model" --out "$name" \
   --engine-args "--load-format dummy --gpu-memory-utilization ${GPU_MEMORY_UTILIZATION:-0.5} ${ENGINE_ARGS:-}" "$@"

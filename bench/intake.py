@@ -1,6 +1,6 @@
 """Image-normalisation figures (issue: a 12 MP phone JPEG in <= 30 ms CPU, sent as <= 300 KB).
 
-    .venv/bin/python bench/intake.py [--repeat 20]
+    .venv/bin/python -m bench.intake [--repeat 20]
 
 Measures `normalize_image` (sniff, header check, draft decode, EXIF, resize to the task's
 pixel budget in 32 px tiles, JPEG encode, base64) on synthetic photos of several sizes.

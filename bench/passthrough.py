@@ -1,6 +1,6 @@
 """Pass-through overhead: the same load straight at an engine and through the gateway, one run.
 
-    .venv/bin/python bench/passthrough.py [--concurrency 64] [--seconds 10] [--body-kb 100] [--workers 1]
+    .venv/bin/python -m bench.passthrough [--concurrency 64] [--seconds 10] [--body-kb 100] [--workers 1]
                                           [--pin-gateway N]
 
 The gateway runs with its default settings (admission with no fixed cap, metrics,
@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,67 +42,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[1]
-FAKE_ENGINE = r'''
-import asyncio, json, sys
-ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
-EVENT = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"ok"}}]}\n\n'
-DELAY = float(sys.argv[2])
-# Seconds more per request already running when one arrives (0: a fixed service time).
-# A batching engine answers a request that arrives into a busy batch later than one that
-# finds it empty: the first answers of a burst come fast, the rest slower.
-PER_RUNNING = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
-# Requests it runs at once (0: no limit); the rest wait in its queue, as vLLM's
-# --max-num-seqs makes them, and /metrics reports both as vLLM's gauges do.
-SEATS = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-running = waiting = 0
-seats = asyncio.Semaphore(SEATS) if SEATS else None
-GAUGES = "vllm:num_requests_running %d\nvllm:num_requests_waiting %d\nvllm:kv_cache_usage_perc 0.1\n"
-async def app(scope, receive, send):
-    global running, waiting
-    if scope["type"] != "http":
-        return
-    body, more = b"", True
-    while more:
-        message = await receive()
-        body += message.get("body", b"")
-        more = message.get("more_body", False)
-    if scope["path"] in ("/health", "/metrics"):
-        text = (GAUGES % (running, waiting)).encode() if scope["path"] == "/metrics" else b""
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": text})
-        return
-    if seats is not None:
-        waiting += 1
-        try:
-            await seats.acquire()
-        finally:
-            waiting -= 1
-    delay = DELAY + PER_RUNNING * running
-    running += 1
-    try:
-        await asyncio.sleep(delay)
-    finally:
-        running -= 1
-        if seats is not None:
-            seats.release()
-    if b'"stream": true' in body:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        for _ in range(5):
-            await send({"type": "http.response.body", "body": EVENT, "more_body": True})
-            await asyncio.sleep(0.005)
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-        return
-    answer = ANSWER
-    if b'"response_format"' in body:  # a scan: a schema-valid sample (bench/upload_burst.py)
-        from scanner_gateway.scan.schema import sample_instance
-        schema = json.loads(body)["response_format"]["json_schema"]["schema"]
-        answer = ANSWER.replace(b'"content":"ok"', b'"content":' + json.dumps(json.dumps(sample_instance(schema))).encode())
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": answer})
-import uvicorn
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
-'''
+from bench.common import ROOT, exit_on_sigterm, free_port, process_tree_cpu_s, wait_http
+from bench.fake_engine import start_fake_engine
 
 
 @dataclass
@@ -113,39 +53,6 @@ class LoadResult:
     p99_ms: float
     requests: int
     errors: int
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def process_tree_cpu_s(pid: int) -> float:
-    """User+system CPU seconds of `pid` and its children (the gateway's workers)."""
-    total, pids = 0.0, [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def _wrk_ms(text: str, label: str) -> float:
@@ -259,7 +166,7 @@ def main(
     body_file.write_bytes(body)
 
     engine_port, gw_port = free_port(), free_port()
-    engine = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(engine_port), str(delay_ms / 1000)])
+    engine = start_fake_engine(engine_port, delay_ms / 1000)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", f"http://127.0.0.1:{engine_port}",
          "--port", str(gw_port), "--workers", str(workers)],
@@ -278,36 +185,15 @@ def main(
             loads["h2load"] = lambda url, secs: load_h2load(url, body_file, concurrency, secs)
         else:
             console.print("[yellow]h2load not found (apt-get install nghttp2-client): one load generator only")
-        rows: dict[tuple[str, str], tuple[LoadResult, float]] = {}
-        for generator, load in loads.items():
-            for name, port in systems.items():
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                load(url, 2.0)  # warm-up: connections, caches
-                cpu0 = process_tree_cpu_s(gateway.pid)
-                result = load(url, seconds)
-                rows[(generator, name)] = (result, (process_tree_cpu_s(gateway.pid) - cpu0) / max(result.requests, 1) * 1000)
+        rows = measure(loads, systems, gateway.pid, seconds)
         ttfb = {name: ttfb_ms(f"http://127.0.0.1:{port}/v1/chat/completions", stream_body, ttfb_requests)
                 for name, port in systems.items()}
-        table = Table(title=f"pass-through: c={concurrency}, {len(body) // 1024} KB bodies, fake engine "
-                            f"{delay_ms:.0f} ms, {workers} gateway worker(s), {seconds:g} s each, "
-                            f"load by {' and '.join(loads)}, {os.cpu_count()} CPUs, "
-                            f"access log {'on' if access_log else 'off'}"
-                            + (f", gateway pinned to CPUs {sorted(gateway_cpus)}" if gateway_cpus else ""))
-        for col in ("target", "load", "req/s", "p50 ms", "p99 ms", "errors", "gateway CPU ms/req"):
-            table.add_column(col, justify="right")
-        for (generator, name), (r, cpu_ms) in rows.items():
-            table.add_row(name, generator, f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors),
-                          "-" if name.startswith("direct") else f"{cpu_ms:.3f}")
-        console.print(table)
-        for generator in loads:
-            (direct, _), (gw, cpu) = rows[(generator, "direct (fake engine)")], rows[(generator, "gateway")]
-            ratio, added_p99 = gw.rps / direct.rps, gw.p99_ms - direct.p99_ms
-            for what, met in ((f"req/s >= 0.97x direct: {ratio:.3f}x", ratio >= 0.97),
-                              (f"p99 <= +5 ms: {added_p99:+.1f} ms", added_p99 <= 5),
-                              (f"gateway CPU <= 0.3 ms/request: {cpu:.3f} ms", cpu <= 0.3)):
-                console.print(f"target ({generator}) {what}: {'met' if met else 'MISSED'}")
-            console.print(f"{generator}: gateway/direct req/s = {ratio:.3f}; added p50 = {gw.p50_ms - direct.p50_ms:+.1f} "
-                          f"ms, added p99 = {added_p99:+.1f} ms; gateway CPU = {cpu:.3f} ms/request")
+        console.print(rows_table(
+            rows, f"pass-through: c={concurrency}, {len(body) // 1024} KB bodies, fake engine {delay_ms:.0f} ms, "
+                  f"{workers} gateway worker(s), {seconds:g} s each, load by {' and '.join(loads)}, "
+                  f"{os.cpu_count()} CPUs, access log {'on' if access_log else 'off'}"
+                  + (f", gateway pinned to CPUs {sorted(gateway_cpus)}" if gateway_cpus else "")))
+        print_targets(console, rows, loads)
         console.print(f"stream TTFB (median of {ttfb_requests}): direct {ttfb['direct (fake engine)']:.2f} ms, "
                       f"added by the gateway {ttfb['gateway'] - ttfb['direct (fake engine)']:+.2f} ms")
     finally:
@@ -317,5 +203,44 @@ def main(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+Rows = dict[tuple[str, str], tuple[LoadResult, float]]  # (generator, system) -> result, gateway CPU ms/request
+
+
+def measure(loads: dict[str, Callable[[str, float], LoadResult]], systems: dict[str, int], gateway_pid: int,
+            seconds: float) -> Rows:
+    rows: Rows = {}
+    for generator, load in loads.items():
+        for name, port in systems.items():
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            load(url, 2.0)  # warm-up: connections, caches
+            cpu0 = process_tree_cpu_s(gateway_pid)
+            result = load(url, seconds)
+            rows[(generator, name)] = (result, (process_tree_cpu_s(gateway_pid) - cpu0) / max(result.requests, 1) * 1000)
+    return rows
+
+
+def rows_table(rows: Rows, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("target", "load", "req/s", "p50 ms", "p99 ms", "errors", "gateway CPU ms/req"):
+        table.add_column(col, justify="right")
+    for (generator, name), (r, cpu_ms) in rows.items():
+        table.add_row(name, generator, f"{r.rps:.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors),
+                      "-" if name.startswith("direct") else f"{cpu_ms:.3f}")
+    return table
+
+
+def print_targets(console: Console, rows: Rows, loads: dict) -> None:
+    for generator in loads:
+        (direct, _), (gw, cpu) = rows[(generator, "direct (fake engine)")], rows[(generator, "gateway")]
+        ratio, added_p99 = gw.rps / direct.rps, gw.p99_ms - direct.p99_ms
+        for what, met in ((f"req/s >= 0.97x direct: {ratio:.3f}x", ratio >= 0.97),
+                          (f"p99 <= +5 ms: {added_p99:+.1f} ms", added_p99 <= 5),
+                          (f"gateway CPU <= 0.3 ms/request: {cpu:.3f} ms", cpu <= 0.3)):
+            console.print(f"target ({generator}) {what}: {'met' if met else 'MISSED'}")
+        console.print(f"{generator}: gateway/direct req/s = {ratio:.3f}; added p50 = {gw.p50_ms - direct.p50_ms:+.1f} "
+                      f"ms, added p99 = {added_p99:+.1f} ms; gateway CPU = {cpu:.3f} ms/request")
+
+
 if __name__ == "__main__":
+    exit_on_sigterm()
     typer.run(main)

@@ -1,7 +1,7 @@
 """The design we replace, rebuilt faithfully for side-by-side measurement (bench/compare.py).
 
-    python bench/seed_systems.py before --model DIR --port P --max-new-tokens N
-    python bench/seed_systems.py after  --model DIR --port P --max-new-tokens N [--workers 4]
+    python -m bench.seed_systems before --model DIR --port P --max-new-tokens N
+    python -m bench.seed_systems after  --model DIR --port P --max-new-tokens N [--workers 4]
 
 - `before`: the Streamlit app's serving model: one synchronous process that handles one
   request at a time (stdlib HTTPServer, single thread) with transformers `generate`.
@@ -233,7 +233,7 @@ def main(
         import uvicorn
 
         os.environ.update(SEED_MODEL=model, SEED_MAX_NEW_TOKENS=str(max_new_tokens))
-        uvicorn.run("seed_systems:after_app_from_env", factory=True, workers=workers, app_dir=str(Path(__file__).parent),
+        uvicorn.run("bench.seed_systems:after_app_from_env", factory=True, workers=workers, app_dir=str(ROOT),
                     host="127.0.0.1", port=port, log_level="warning", timeout_worker_healthcheck=600)
     else:
         raise typer.BadParameter("system must be 'before' or 'after'")

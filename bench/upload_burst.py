@@ -1,6 +1,6 @@
 """A burst of phone photos uploaded at the gateway: its intake and admission under overload.
 
-    .venv/bin/python bench/upload_burst.py [--rate 60] [--seconds 5] [--max-in-flight 4]
+    .venv/bin/python -m bench.upload_burst [--rate 60] [--seconds 5] [--max-in-flight 4]
                                            [--queue-wait-s 1] [--fake-ms 300] [--size 4000x3000]
 
 The engine is the FAKE ENGINE of bench/passthrough.py (a schema-valid sample answer to
@@ -26,20 +26,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import ROOT, exit_on_sigterm, free_port, pct, process_tree_cpu_s, wait_http
+from bench.fake_engine import start_fake_engine
+from bench.overload import paced
 from scanner_gateway.synthetic import shelf_jpeg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overload import paced, pct  # noqa: E402
-from passthrough import FAKE_ENGINE, free_port, process_tree_cpu_s, wait_http  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 console = Console()
 
 
@@ -68,8 +65,7 @@ def main(rate: float = 60.0, seconds: float = 5.0, max_in_flight: int = 4, queue
     width, height = (int(v) for v in size.split("x"))
     photos = [shelf_jpeg(width, height, seed=9000 + i) for i in range(photos_n)]
     engine_port, gw_port = free_port(), free_port()
-    engine = subprocess.Popen([sys.executable, "-c", FAKE_ENGINE, str(engine_port), str(fake_ms / 1000),
-                               str(fake_per_running_ms / 1000)], cwd=ROOT)
+    engine = start_fake_engine(engine_port, fake_ms / 1000, fake_per_running_ms / 1000)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "scanner_gateway", "serve", "--upstream", f"http://127.0.0.1:{engine_port}",
          "--port", str(gw_port)],
@@ -116,4 +112,5 @@ def main(rate: float = 60.0, seconds: float = 5.0, max_in_flight: int = 4, queue
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     typer.run(main)

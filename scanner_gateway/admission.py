@@ -68,6 +68,7 @@ class _Waiter:
     rank: int
     seq: int
     future: asyncio.Future[bool] = field(compare=False)
+    wait_until: float = field(compare=False, default=math.inf)  # when its wait passes its bound
 
 
 @dataclass
@@ -221,8 +222,11 @@ class AdmissionController:
     async def _wait(self, klass: PriorityClass, rank: int, deadline: float | None) -> bool:
         """Until a slot is this request's; whether it was handed over (True) or found free."""
         self._refuse_if_full(klass, rank, deadline)
-        waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future())
+        may_wait = self.max_wait_s if deadline is None else min(self.max_wait_s, deadline - self._clock())
+        waiter = _Waiter(rank, next(self._seq), asyncio.get_running_loop().create_future(),
+                         self._clock() + may_wait)
         heapq.heappush(self._queue, waiter)
+        self._shed_overtaken(rank)
         self._export(queue_changed=True)
         patience = self.max_wait_s * WAIT_GRACE
         if deadline is not None:
@@ -241,6 +245,23 @@ class AdmissionController:
                 raise
             raise self._refuse(klass, f"waited {patience:.1f} s for a free slot", self.avg_hold_s) from None
         return waiter.future.result()
+
+    def _shed_overtaken(self, rank: int) -> None:
+        """A request of a higher class went ahead of waiting ones: refuse at once those it
+        pushed past their bound, rather than after waiting out the grace for it."""
+        now = self._clock()
+        shed: list[_Waiter] = []
+        for place, waiter in enumerate(sorted(self._queue)):
+            if waiter.rank <= rank or waiter.future.done():
+                continue
+            expected = self._expected_wait_s(place - len(shed))
+            if now + expected > waiter.wait_until:
+                shed.append(waiter)
+                waiter.future.set_exception(self._refuse(
+                    PRIORITY_CLASSES[waiter.rank], "requests of a higher priority went ahead", expected))
+        if shed:
+            self._queue = [w for w in self._queue if w not in shed]
+            heapq.heapify(self._queue)
 
     def refresh(self) -> None:
         """Let waiters in while there is room: called when the engines' gauges were read

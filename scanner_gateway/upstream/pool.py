@@ -66,6 +66,11 @@ DEFAULT_SATURATION_KV = 0.95
 # twice the most it was seen running: a guess that grows with each reading, as TCP's slow
 # start does, so a cold gateway's first burst does not all land in the engine's queue.
 SEATS_GUESS_FLOOR = 8
+# Readings in a row of an engine running all the seats it was thought to have, none waiting,
+# before one more is tried: each try may leave a request waiting in it for a whole batch,
+# so each try that finds a queue doubles the readings before the next (up to the most).
+FULL_READINGS_TO_GROW = 8
+MOST_READINGS_TO_GROW = 128
 # While saturated, gauges are read this often (not just each probe interval), so requests
 # held in the gateway are let in as soon as the engine has room.
 SATURATED_READ_GAP_S = 0.25
@@ -83,8 +88,13 @@ class Replica:
     failures: int = 0
     gauges_readable: bool = True  # so an engine without usable /metrics is logged once, not every probe
     in_flight_at_gauges: int = 0  # this gateway's requests at the replica when its gauges were read
-    seats: float = 0.0  # the most requests it was seen running with others waiting (0: never seen full)
+    # Reads of its gauges under way: the most requests this gateway had at it during each.
+    read_peaks: list[list[int]] = field(default_factory=list)
+    seats: float = 0.0  # requests it runs at once, learnt from its gauges (0: never seen full)
     seen_running: float = 0.0  # the most it was seen running at all
+    full_readings: int = 0  # readings in a row with every seat taken and none waiting
+    readings_to_grow: int = FULL_READINGS_TO_GROW
+    trying_more: bool = False  # one seat more is being tried
     eject_s: float = MIN_EJECT_S
     probe_after: float = 0.0
 
@@ -93,10 +103,24 @@ class Replica:
         return self.client.base_url
 
     def read_gauges(self, gauges: EngineGauges, in_flight_then: int) -> None:
+        """Learn its seats. A queue at a reading lowers them by as many as waited, never
+        below what ran (a wait can be brief: a step's token budget spent on other prompts'
+        prefill, not a seat limit); all seats taken with none waiting, `readings_to_grow`
+        readings in a row, raises them by one (a try; each that finds a queue doubles that).
+        A first queue sets them to what ran."""
         self.gauges, self.in_flight_at_gauges = gauges, in_flight_then
         self.seen_running = max(self.seen_running, gauges.running)
+        full = bool(self.seats) and gauges.waiting == 0 and gauges.running >= self.seats
+        self.full_readings = self.full_readings + 1 if full else 0
         if gauges.waiting > 0:
-            self.seats = max(self.seats, gauges.running)
+            if self.trying_more:  # the seat tried was not there
+                self.readings_to_grow = min(2 * self.readings_to_grow, MOST_READINGS_TO_GROW)
+            self.trying_more = False
+            self.seats = max(gauges.running, self.seats - gauges.waiting) if self.seats else gauges.running
+        elif full and self.trying_more:  # it ran the seat tried
+            self.trying_more, self.readings_to_grow = False, FULL_READINGS_TO_GROW
+        if self.full_readings >= self.readings_to_grow:
+            self.seats, self.full_readings, self.trying_more = gauges.running + 1, 0, True
 
     def room(self, queue_allowance: float, kv_cache_usage: float) -> float:
         """Requests it takes now before one more would wait inside it beyond
@@ -233,9 +257,15 @@ class ReplicaPool:
         await self._read_gauges(replica)
 
     async def _read_gauges(self, replica: Replica) -> None:
-        in_flight_then = replica.in_flight  # before the read: a request sent meanwhile counts twice at worst
+        # The engine renders its gauges at some moment of the read, which can take seconds on
+        # a busy box: ours are counted as the most we had at it meanwhile, so that other
+        # clients' requests (the gauges less ours) are never overestimated, which would hold
+        # our requests back from seats that are free.
+        peak = [replica.in_flight]
+        replica.read_peaks.append(peak)
         try:
-            replica.read_gauges(parse_engine_gauges(await replica.client.metrics_text()), in_flight_then)
+            text = await replica.client.metrics_text()
+            replica.read_gauges(parse_engine_gauges(text), peak[0])
         except (UpstreamError, ValueError) as exc:
             if replica.gauges_readable:
                 log.warning("could not read queue gauges of %s (routing goes on without them): %s",
@@ -245,6 +275,8 @@ class ReplicaPool:
             if not replica.gauges_readable:
                 log.info("queue gauges of %s are readable again", replica.url)
             replica.gauges_readable = True
+        finally:
+            replica.read_peaks.remove(peak)
         self._export(replica)
         self.on_gauges()
 
@@ -261,6 +293,8 @@ class ReplicaPool:
     def _count_in_flight(self, replica: Replica, change: int) -> None:
         # Exported as it changes: a probe round can take seconds while the engine is busy.
         replica.in_flight += change
+        for peak in replica.read_peaks:
+            peak[0] = max(peak[0], replica.in_flight)
         if self.metrics is not None:
             self.metrics.replica_in_flight.labels(replica.url).set(replica.in_flight)
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_upload_burst_runs_against_its_fake_engine():
     done = subprocess.run(
-        [sys.executable, "bench/upload_burst.py", "--rate", "4", "--seconds", "1", "--size", "1024x768",
+        [sys.executable, "-m", "bench.upload_burst", "--rate", "4", "--seconds", "1", "--size", "1024x768",
          "--photos-n", "2", "--fake-ms", "50", "--max-in-flight", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -31,7 +31,7 @@ def test_upload_burst_runs_against_its_fake_engine():
                     reason="wrk or h2load is not installed (Debian packages wrk, nghttp2-client)")
 def test_passthrough_measures_with_both_load_generators():
     done = subprocess.run(
-        [sys.executable, "bench/passthrough.py", "--seconds", "1", "--concurrency", "4", "--body-kb", "10",
+        [sys.executable, "-m", "bench.passthrough", "--seconds", "1", "--concurrency", "4", "--body-kb", "10",
          "--ttfb-requests", "3"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -46,7 +46,7 @@ def test_passthrough_measures_with_both_load_generators():
 
 def test_overload_fake_engine_run_admits_by_saturation_with_no_cap():
     done = subprocess.run(
-        [sys.executable, "bench/overload.py", "--engine", "fake", "--seconds", "2", "--fake-ms", "200",
+        [sys.executable, "-m", "bench.overload", "--engine", "fake", "--seconds", "2", "--fake-ms", "200",
          "--fake-seats", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

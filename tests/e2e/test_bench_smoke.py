@@ -20,7 +20,7 @@ def test_compare_runs_all_four_systems_at_toy_scale(engine, dev_model_dir, tmp_p
     results = ROOT / "bench" / "results"
     try:
         done = subprocess.run(
-            [sys.executable, "bench/compare.py", "--engine-url", engine.base_url, "--model", str(dev_model_dir),
+            [sys.executable, "-m", "bench.compare", "--engine-url", engine.base_url, "--model", str(dev_model_dir),
              "--seconds", "2", "--levels", "2", "--overload-seconds", "2", "--photos", "4", "--slo-s", "60",
              "--max-items", "2", "--warm-up", "4", "--out", name],
             cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -59,7 +59,7 @@ def test_ab_runs_paired_rounds_and_splits_the_cpu_by_process(engine, dev_model_d
     results = ROOT / "bench" / "results"
     try:
         done = subprocess.run(
-            [sys.executable, "bench/ab.py", "--engine-url", engine.base_url, "--engine-pid", str(engine.pid),
+            [sys.executable, "-m", "bench.ab", "--engine-url", engine.base_url, "--engine-pid", str(engine.pid),
              "--model", str(dev_model_dir), "--views", "same-budget", "--levels", "2", "--rounds", "2",
              "--seconds", "2", "--photos", "4", "--max-items", "2", "--out", name],
             cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -86,7 +86,7 @@ def test_ab_runs_paired_rounds_and_splits_the_cpu_by_process(engine, dev_model_d
 
 def test_ab_refuses_raw_photos_for_an_engine_without_the_budget(engine):
     done = subprocess.run(
-        [sys.executable, "bench/ab.py", "--engine-url", engine.base_url, "--views", "12mp"],
+        [sys.executable, "-m", "bench.ab", "--engine-url", engine.base_url, "--views", "12mp"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2 and "--engine-has-budget" in done.stdout + done.stderr

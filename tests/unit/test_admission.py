@@ -318,3 +318,26 @@ def test_while_saturated_the_queue_is_timed_by_the_requests_that_run():
             await asyncio.gather(*waiters, return_exceptions=True)
 
     run(main())
+
+
+def test_a_batch_waiter_pushed_past_its_bound_by_interactive_arrivals_is_refused_at_once():
+    # One slot held ~1 s. A batch request may wait 1.5 s: it queues (expected ~1 s). An
+    # interactive one then goes ahead of it: the batch one would wait ~2 s, so it gets its
+    # 429 now, not after waiting out its grace (3 x 1.5 s).
+    now = [0.0]
+
+    async def main():
+        gate = AdmissionController(1, 10, max_wait_s=1.5, initial_hold_s=1.0, clock=lambda: now[0])
+        await hold(gate, now, 1.0)  # one full-load hold learnt: 1 s
+        async with gate.slot("interactive"):
+            batch = asyncio.create_task(gate.slot("batch").__aenter__())
+            await until(lambda: gate.queued("batch") == 1, "batch queued")
+            interactive = asyncio.create_task(gate.slot("interactive").__aenter__())
+            await until(lambda: batch.done(), "batch refused")
+            assert isinstance(batch.exception(), Overloaded)
+            assert gate.queued("interactive") == 1 and gate.queued("batch") == 0
+            assert gate.stats.rejected["batch"] == 1
+        await interactive  # the held slot went to the interactive one
+        assert gate.in_flight == 1
+
+    run(main())

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import compare  # noqa: E402
-
-from scanner_gateway.config import default_prompts_dir  # noqa: E402
-from scanner_gateway.engine.launcher import engine_command  # noqa: E402
-from scanner_gateway.scan.tasks import TaskRegistry  # noqa: E402
+from bench import scan_load
+from scanner_gateway.config import default_prompts_dir
+from scanner_gateway.engine.launcher import engine_command
+from scanner_gateway.scan.tasks import TaskRegistry
 
 
 def test_a_gpu_run_adds_its_flags_to_the_bench_engine_not_a_second_command_line():
     registry = TaskRegistry.load(default_prompts_dir())
     task = registry.get("product_scan")
-    cmd = engine_command(compare.bench_engine_options("/models/8b", registry, task,
+    cmd = engine_command(scan_load.bench_engine_options("/models/8b", registry, task,
                                                       ["--load-format", "dummy"]))
     assert cmd[:3] == ["vllm", "serve", "/models/8b"]
     assert "--structured-outputs-config" in cmd and "--scheduling-policy" in cmd  # the gateway's own

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import compare  # noqa: E402
+from bench import common, compare, scan_load
 
 
 def _result(name: str, overload_rate: float = 0.0) -> compare.SystemResult:
@@ -69,7 +65,7 @@ def test_a_steady_window_with_fewer_answers_than_clients_is_no_rate():
             await asyncio.sleep(1.0)
         return 200
 
-    latencies, errors, steady = asyncio.run(compare.closed_loop(first_fast_then_past_the_level, 2, 0.5, 5))
+    latencies, errors, steady = asyncio.run(scan_load.closed_loop(first_fast_then_past_the_level, 2, 0.5, 5))
     assert steady is None
     assert errors == 0 and len(latencies) == calls == 4
 
@@ -77,9 +73,9 @@ def test_a_steady_window_with_fewer_answers_than_clients_is_no_rate():
 def test_a_run_never_writes_over_results_already_there():
     import typer
 
-    committed = sorted((compare.ROOT / "bench" / "results").glob("*.md"))[0].stem
+    committed = sorted((common.ROOT / "bench" / "results").glob("*.md"))[0].stem
     with pytest.raises(typer.BadParameter):
-        compare.results_base(committed, "compare")
-    fresh = compare.results_base(None, "compare")  # by default a name of its own
-    assert fresh.name.startswith("compare-") and compare.git_commit().split("-")[0] in fresh.name
+        common.results_base(committed, "compare")
+    fresh = common.results_base(None, "compare")  # by default a name of its own
+    assert fresh.name.startswith("compare-") and common.git_commit().split("-")[0] in fresh.name
     assert not fresh.with_suffix(".md").exists()

@@ -4,7 +4,7 @@ the probe's reading is set directly, as a probe round would set it)."""
 import asyncio
 
 from scanner_gateway.upstream.gauges import EngineGauges
-from scanner_gateway.upstream.pool import ReplicaPool
+from scanner_gateway.upstream.pool import FULL_READINGS_TO_GROW, ReplicaPool
 from scanner_gateway.upstream.routing import build_policy
 from tests.unit.test_pool_stalls import StubClient
 
@@ -82,14 +82,26 @@ def test_requests_sent_between_two_readings_count_towards_the_engines_queue():
     assert p.saturated()
 
 
-def test_a_queue_seen_at_a_lighter_load_does_not_shrink_the_seats_learnt():
+def test_a_brief_queue_lowers_the_seats_by_as_many_as_waited_and_a_full_engine_with_none_raises_them():
     p = pool(EngineGauges())
     engine = p.replicas[0]
     engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)
-    engine.read_gauges(EngineGauges(running=3, waiting=1), in_flight_then=4)  # a long prompt held the step
-    assert engine.seats == 8
+    assert engine.seats == 8  # a first queue: it runs what ran
+    # A long prompt's prefill held a step: 3 ran, 1 waited. One seat less, not five.
+    engine.read_gauges(EngineGauges(running=3, waiting=1), in_flight_then=4)
+    assert engine.seats == 7
+    for _ in range(FULL_READINGS_TO_GROW - 1):  # all 7 taken, none waiting
+        engine.read_gauges(EngineGauges(running=7), in_flight_then=7)
+    assert engine.seats == 7
+    engine.read_gauges(EngineGauges(running=7), in_flight_then=7)
+    assert engine.seats == 8  # it may seat more: found by trying one more
+    for _ in range(FULL_READINGS_TO_GROW):
+        engine.read_gauges(EngineGauges(running=8), in_flight_then=8)
+    assert engine.seats == 9
     engine.read_gauges(EngineGauges(running=2), in_flight_then=2)
-    engine.in_flight = 7  # 6 seats free, 5 sent since
+    engine.in_flight = 9  # 7 seats free, 7 sent since
+    assert p.saturated()
+    engine.in_flight = 8
     assert not p.saturated()
 
 
@@ -168,3 +180,49 @@ def test_requests_let_in_but_not_yet_sent_take_their_seats():
     assert p.room(admitted=6) == 2
     assert p.room(admitted=7) == 1  # one let in is on its way to the engine
     assert p.room(admitted=8) == 0
+
+
+def test_requests_sent_while_the_gauges_were_being_read_are_not_taken_for_other_clients():
+    # The engine rendered its gauges after our 4 requests arrived, though the read began
+    # with none of ours open: had those 4 been counted as someone else's, the seats
+    # guessed (8) would look full.
+    gate = asyncio.Event()
+
+    class SlowMetrics(MetricsClient):
+        async def metrics_text(self) -> str:
+            await gate.wait()
+            return self.text
+
+    async def scenario() -> None:
+        client = SlowMetrics("http://engine-0", "vllm:num_requests_running 4\nvllm:num_requests_waiting 0\n")
+        p = ReplicaPool([client], build_policy("round_robin"), probe_interval_s=3600)
+        engine = p.replicas[0]
+        reading = asyncio.create_task(p._read_gauges(engine))
+        await asyncio.sleep(0)
+        for _ in range(4):
+            p._count_in_flight(engine, +1)  # our 4 sent while the read is under way
+        gate.set()
+        await reading
+        assert engine.in_flight_at_gauges == 4 and p.room(admitted=4) == 4  # 8 guessed, our 4 in them
+
+    asyncio.run(scenario())
+
+
+def test_each_seat_tried_in_vain_makes_the_next_try_wait_twice_as_long():
+    p = pool(EngineGauges())
+    engine = p.replicas[0]
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)
+
+    def readings_until_a_try() -> int:
+        for n in range(1, 1000):
+            engine.read_gauges(EngineGauges(running=8), in_flight_then=8)
+            if engine.seats == 9:
+                return n
+        raise AssertionError("never tried a ninth seat")
+
+    assert readings_until_a_try() == FULL_READINGS_TO_GROW
+    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)  # there was no ninth
+    assert engine.seats == 8
+    assert readings_until_a_try() == 2 * FULL_READINGS_TO_GROW
+    engine.read_gauges(EngineGauges(running=9), in_flight_then=9)  # this time it ran nine
+    assert engine.seats == 9 and engine.readings_to_grow == FULL_READINGS_TO_GROW
