@@ -90,7 +90,7 @@ class Replica:
     in_flight_at_gauges: int = 0  # this gateway's requests at the replica when its gauges were read
     # Reads of its gauges under way: the most requests this gateway had at it during each.
     read_peaks: list[list[int]] = field(default_factory=list)
-    seats: float = 0.0  # requests it runs at once, learnt from its gauges (0: never seen full)
+    seats: float = 0.0  # requests it runs at once, learnt from its gauges (0: not yet)
     seen_running: float = 0.0  # the most it was seen running at all
     full_readings: int = 0  # readings in a row with every seat taken and none waiting
     readings_to_grow: int = FULL_READINGS_TO_GROW
@@ -103,24 +103,33 @@ class Replica:
         return self.client.base_url
 
     def read_gauges(self, gauges: EngineGauges, in_flight_then: int) -> None:
-        """Learn its seats. A queue at a reading lowers them by as many as waited, never
-        below what ran (a wait can be brief: a step's token budget spent on other prompts'
-        prefill, not a seat limit); all seats taken with none waiting, `readings_to_grow`
-        readings in a row, raises them by one (a try; each that finds a queue doubles that).
-        A first queue sets them to what ran."""
+        """Learn its seats. Requests waiting while it runs as many as it ever ran set them
+        (a queue at a lower count is a burst waiting for a step's token budget, not for a
+        seat); it running more raises them. All seats taken with none waiting,
+        `readings_to_grow` readings in a row, lets one more be tried; a try that meets a
+        queue instead doubles that count."""
+        highest = gauges.running >= self.seen_running
         self.gauges, self.in_flight_at_gauges = gauges, in_flight_then
         self.seen_running = max(self.seen_running, gauges.running)
-        full = bool(self.seats) and gauges.waiting == 0 and gauges.running >= self.seats
-        self.full_readings = self.full_readings + 1 if full else 0
-        if gauges.waiting > 0:
-            if self.trying_more:  # the seat tried was not there
-                self.readings_to_grow = min(2 * self.readings_to_grow, MOST_READINGS_TO_GROW)
+        if gauges.running > self.seats and (self.seats or (highest and gauges.waiting > 0)):
+            self.seats = gauges.running
+            if self.trying_more:  # it ran the seat tried
+                self.trying_more, self.readings_to_grow = False, FULL_READINGS_TO_GROW
+        elif self.trying_more and gauges.waiting > 0:  # the seat tried was not there
             self.trying_more = False
-            self.seats = max(gauges.running, self.seats - gauges.waiting) if self.seats else gauges.running
-        elif full and self.trying_more:  # it ran the seat tried
-            self.trying_more, self.readings_to_grow = False, FULL_READINGS_TO_GROW
+            self.readings_to_grow = min(2 * self.readings_to_grow, MOST_READINGS_TO_GROW)
+        full = bool(self.seats) and gauges.waiting == 0 and gauges.running >= self.seats
+        self.full_readings = self.full_readings + 1 if full and not self.trying_more else 0
         if self.full_readings >= self.readings_to_grow:
-            self.seats, self.full_readings, self.trying_more = gauges.running + 1, 0, True
+            self.trying_more, self.full_readings = True, 0
+
+    def capacity(self) -> float:
+        """Requests it runs at once, as far as the gateway knows: its seats (and one more
+        while that is tried), or, never seen with a queue at its highest, at least
+        SEATS_GUESS_FLOOR or twice the most it was seen running."""
+        if self.seats:
+            return self.seats + self.trying_more
+        return max(SEATS_GUESS_FLOOR, 2 * self.seen_running)
 
     def room(self, queue_allowance: float, kv_cache_usage: float) -> float:
         """Requests it takes now before one more would wait inside it beyond
@@ -133,13 +142,11 @@ class Replica:
         if self.gauges.kv_cache_usage >= kv_cache_usage:
             return 0.0
         g = self.gauges
-        # Full at the read (some waited): it runs what it ran. Else what it was seen to take.
-        seats = g.running if g.waiting > 0 else self.seats or max(SEATS_GUESS_FLOOR, 2 * self.seen_running)
         # Other clients' requests (other workers, pods), as of the read. Ours are counted
         # here and now: one that just ended (or just left) can be in the gauges and not
         # in our count (or the other way round), so theirs are never fewer than none.
         others = max(0.0, g.running + g.waiting - self.in_flight_at_gauges)
-        return max(0.0, seats + queue_allowance - (self.in_flight + others))
+        return max(0.0, self.capacity() + queue_allowance - (self.in_flight + others))
 
     def load(self) -> ReplicaLoad:
         return ReplicaLoad(self.index, self.in_flight, self.gauges.waiting, self.gauges.running)

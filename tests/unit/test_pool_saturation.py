@@ -34,8 +34,8 @@ def test_an_engine_with_a_queue_or_a_full_kv_cache_is_saturated():
     assert pool(EngineGauges(running=200, waiting=1, kv_cache_usage=0.5)).saturated()  # one more would wait
     assert pool(EngineGauges(running=30, waiting=0, kv_cache_usage=0.96)).saturated()
     # The allowance: requests the gateway lets wait inside the engine.
-    assert not pool(EngineGauges(waiting=3), allowance=4).saturated()
-    assert pool(EngineGauges(waiting=4), allowance=4).saturated()
+    assert not pool(EngineGauges(running=8, waiting=3), allowance=4).saturated()
+    assert pool(EngineGauges(running=8, waiting=4), allowance=4).saturated()
 
 
 def test_the_pool_is_saturated_only_when_every_healthy_replica_is():
@@ -55,7 +55,8 @@ def test_unreadable_gauges_say_nothing():
 
 
 def test_every_gauge_reading_tells_admission():
-    text = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 7\n"
+    text = ("# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 7\n"
+            "vllm:num_requests_running{model_name=\"m\"} 8\n")
     p = ReplicaPool([MetricsClient("http://engine-0", text)], build_policy("round_robin"))
     seen = []
     p.on_gauges = lambda: seen.append(p.saturated())
@@ -82,27 +83,24 @@ def test_requests_sent_between_two_readings_count_towards_the_engines_queue():
     assert p.saturated()
 
 
-def test_a_brief_queue_lowers_the_seats_by_as_many_as_waited_and_a_full_engine_with_none_raises_them():
+def test_a_queue_while_it_runs_its_most_sets_the_seats_and_a_burst_waiting_for_prefill_does_not():
     p = pool(EngineGauges())
     engine = p.replicas[0]
-    engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)
-    assert engine.seats == 8  # a first queue: it runs what ran
-    # A long prompt's prefill held a step: 3 ran, 1 waited. One seat less, not five.
-    engine.read_gauges(EngineGauges(running=3, waiting=1), in_flight_then=4)
-    assert engine.seats == 7
-    for _ in range(FULL_READINGS_TO_GROW - 1):  # all 7 taken, none waiting
-        engine.read_gauges(EngineGauges(running=7), in_flight_then=7)
-    assert engine.seats == 7
-    engine.read_gauges(EngineGauges(running=7), in_flight_then=7)
-    assert engine.seats == 8  # it may seat more: found by trying one more
-    for _ in range(FULL_READINGS_TO_GROW):
-        engine.read_gauges(EngineGauges(running=8), in_flight_then=8)
-    assert engine.seats == 9
+    engine.read_gauges(EngineGauges(running=14), in_flight_then=14)
+    # A burst: 3 run while 11 wait for a step's token budget. Not a seat limit.
+    engine.read_gauges(EngineGauges(running=3, waiting=11), in_flight_then=14)
+    assert engine.seats == 0 and engine.capacity() == 28  # still the guess: twice the most seen
+    engine.read_gauges(EngineGauges(running=16, waiting=2), in_flight_then=18)  # queue at its most
+    assert engine.seats == 16
+    engine.read_gauges(EngineGauges(running=3, waiting=11), in_flight_then=14)  # a burst again
+    assert engine.seats == 16
+    engine.read_gauges(EngineGauges(running=17), in_flight_then=17)  # another client's: it seats more
+    assert engine.seats == 17
     engine.read_gauges(EngineGauges(running=2), in_flight_then=2)
-    engine.in_flight = 9  # 7 seats free, 7 sent since
-    assert p.saturated()
-    engine.in_flight = 8
+    engine.in_flight = 16  # 15 seats free, 14 sent since
     assert not p.saturated()
+    engine.in_flight = 17
+    assert p.saturated()
 
 
 def test_an_engine_never_seen_full_is_guessed_to_take_twice_what_it_ran():
@@ -212,17 +210,18 @@ def test_each_seat_tried_in_vain_makes_the_next_try_wait_twice_as_long():
     p = pool(EngineGauges())
     engine = p.replicas[0]
     engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)
+    assert engine.seats == 8 and engine.capacity() == 8
 
     def readings_until_a_try() -> int:
         for n in range(1, 1000):
             engine.read_gauges(EngineGauges(running=8), in_flight_then=8)
-            if engine.seats == 9:
+            if engine.capacity() == 9:
                 return n
         raise AssertionError("never tried a ninth seat")
 
     assert readings_until_a_try() == FULL_READINGS_TO_GROW
     engine.read_gauges(EngineGauges(running=8, waiting=1), in_flight_then=9)  # there was no ninth
-    assert engine.seats == 8
+    assert engine.capacity() == 8
     assert readings_until_a_try() == 2 * FULL_READINGS_TO_GROW
     engine.read_gauges(EngineGauges(running=9), in_flight_then=9)  # this time it ran nine
     assert engine.seats == 9 and engine.readings_to_grow == FULL_READINGS_TO_GROW
