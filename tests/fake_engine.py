@@ -63,6 +63,7 @@ class FakeEngine:
     url: str = ""  # set by the server that serves it
     healthy: bool = True
     waiting: int = 0  # reported as vllm:num_requests_waiting
+    running: int = 0  # reported as vllm:num_requests_running
     metrics_status: int = 200  # anything else: /metrics answers that status, no gauges
     model: str = FAKE_MODEL  # listed by /v1/models
     strict_model: bool = False  # completions for another model get vLLM's 404, as vLLM does
@@ -76,7 +77,7 @@ class FakeEngine:
             return FakeReply(self.metrics_status)
         if path == "/metrics":
             text = (f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {self.waiting}\n"
-                    "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 0\n")
+                    f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"m\"}} {self.running}\n")
             return FakeReply(200, (text.encode(),), {"content-type": "text/plain"})
         if path == "/v1/models":
             return FakeReply.json(200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})

@@ -71,9 +71,11 @@ SEATS_GUESS_FLOOR = 8
 # so each try that finds a queue doubles the readings before the next (up to the most).
 FULL_READINGS_TO_GROW = 8
 MOST_READINGS_TO_GROW = 128
-# While saturated, gauges are read this often (not just each probe interval), so requests
-# held in the gateway are let in as soon as the engine has room.
-SATURATED_READ_GAP_S = 0.25
+# When every replica turns saturated the gauges are read at once (not only at the next
+# probe), then at most this often more while it lasts: vLLM renders its whole /metrics
+# page for each read: 4 a second held a 2-CPU engine to 0.61x the scans/s it gave straight
+# (bench/ab.py, c=8), 1 a second left 0.945x.
+SATURATED_READ_GAP_S = 1.0
 MAX_EJECT_S = 5.0
 RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
 

@@ -228,7 +228,7 @@ def test_with_no_cap_an_engine_that_queues_holds_requests_in_the_gateway(setting
     # Fake engine: it reports a queue of its own on cue (vllm:num_requests_waiting), which a
     # real engine does only under a load the test could not time.
     fake_engine.answer = slow(0.0)
-    fake_engine.waiting = 10
+    fake_engine.running, fake_engine.waiting = 8, 10  # all it runs at once, and a queue
     quick_probes = settings.model_copy(update={"probe_interval_s": 0.1, "queue_limit": 1})
     assert quick_probes.max_in_flight_per_replica == 0  # the default: no fixed cap
     with TestClient(create_app(quick_probes)) as c, ThreadPoolExecutor(2) as pool:
@@ -240,7 +240,7 @@ def test_with_no_cap_an_engine_that_queues_holds_requests_in_the_gateway(setting
         assert_error(refused, 429, "overloaded")
         assert int(refused.headers["retry-after"]) >= 1
         assert not [r for r in fake_engine.received if r.path == "/v1/chat/completions"]
-        fake_engine.waiting = 0  # the engine caught up: the next gauge reading lets it in
+        fake_engine.running = fake_engine.waiting = 0  # the engine caught up: the next reading lets it in
         assert held.result(timeout=30).status_code == 200
     sent = [json.loads(r.body)["messages"][0]["content"] for r in fake_engine.received if r.path == "/v1/chat/completions"]
     assert sent == ["held"]
