@@ -142,6 +142,11 @@ class AdmissionController:
 
     def _expected_wait_s(self, ahead: int) -> float:
         """Wait of a request with `ahead` requests queued before it."""
+        return self._waits()(ahead)
+
+    def _waits(self) -> Callable[[int], float]:
+        """The expected wait as a function of the requests queued ahead, for now: the
+        slots' release times are sorted once for any number of questions."""
         now = self._clock()
         hold = self._hold_estimate_s(now)
         slots = self._slots()
@@ -150,8 +155,12 @@ class AdmissionController:
         releases += [now + hold] * handed_over
         releases += [now] * max(0, slots - self.in_flight)
         releases = sorted(releases)[:slots] or [now + hold]
-        rounds, index = divmod(ahead, len(releases))
-        return max(0.0, releases[index] - now) + rounds * hold
+
+        def wait(ahead: int) -> float:
+            rounds, index = divmod(ahead, len(releases))
+            return max(0.0, releases[index] - now) + rounds * hold
+
+        return wait
 
     def _export(self, queue_changed: bool = False) -> None:
         if self.metrics is None:
@@ -249,12 +258,14 @@ class AdmissionController:
     def _shed_overtaken(self, rank: int) -> None:
         """A request of a higher class went ahead of waiting ones: refuse at once those it
         pushed past their bound, rather than after waiting out the grace for it."""
-        now = self._clock()
+        if rank == len(PRIORITY_CLASSES) - 1:
+            return  # nothing waits in a lower class
+        now, wait = self._clock(), self._waits()
         shed: list[_Waiter] = []
         for place, waiter in enumerate(sorted(self._queue)):
             if waiter.rank <= rank or waiter.future.done():
                 continue
-            expected = self._expected_wait_s(place - len(shed))
+            expected = wait(place - len(shed))
             if now + expected > waiter.wait_until:
                 shed.append(waiter)
                 waiter.future.set_exception(self._refuse(
