@@ -17,7 +17,7 @@ Media kinds the product does not serve (video, audio, files, raw embeddings) are
 unless the operator lists them in `SCANNER_RELAY_MEDIA_KINDS`.
 
 Most relayed bodies carry no URL, and parsing a 100 KB body costs more than the whole
-relay: the relay's one pre-check pass (`passthrough.body_marks`) looks at the first bytes
+relay: the relay's one pre-check pass (`relay_body.body_marks`) looks at the first bytes
 of each JSON string with `opens_media_mark` and lets a body through unparsed when none
 of them could start a URL or name a refused kind.
 """
