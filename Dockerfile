@@ -5,7 +5,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY scanner_gateway ./scanner_gateway
 COPY prompts ./prompts
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server,postgres]"
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 gateway

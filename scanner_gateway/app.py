@@ -18,14 +18,20 @@ from fastapi_offline import FastAPIOffline
 
 from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
-from scanner_gateway.api import openai, ops, scan, web
+from scanner_gateway.api import batches, openai, ops, scan, web
+from scanner_gateway.api.batch_dispatch import AsgiDispatch
 from scanner_gateway.api.auth import ApiKeyAuth
 from scanner_gateway.api.errors import install_error_handlers
 from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.api.openai.relay import ChatRelay, RelayDoor
-from scanner_gateway.api.paths import DOCS_ASSETS_PATH, RELAYED_PATHS, SCAN_PATH, UI_PATH
+from scanner_gateway.api.paths import BATCH_ENDPOINTS, DOCS_ASSETS_PATH, FILES_PATH, RELAYED_PATHS, SCAN_PATH, UI_PATH
 from scanner_gateway.api.state import GatewayState
+from scanner_gateway.batches.database import open_database
+from scanner_gateway.batches.file_storage import FileStorage
+from scanner_gateway.batches.runner import BatchRunner, RunnerSettings
+from scanner_gateway.batches.service import BatchLimits, BatchService
+from scanner_gateway.batches.store import BatchStore
 from scanner_gateway.config import Settings
 from scanner_gateway.drain import drain_on_sigterm
 from scanner_gateway.loop_lag import LoopStalls, watch_loop_lag
@@ -46,6 +52,8 @@ MIB = 1024 * 1024
 CORS_REQUEST_HEADERS = ("authorization", "content-type", "x-priority", "idempotency-key", "x-request-id")
 CORS_EXPOSED_HEADERS = ("x-request-id", "retry-after")
 CORS_MAX_AGE_S = 600
+# A batch item's in-process call may take its request deadline and this much more before the worker gives up on it.
+BATCH_DISPATCH_MARGIN_S = 60.0
 
 
 def request_size_limit(settings: Settings, registry: TaskRegistry) -> int:
@@ -133,6 +141,10 @@ def _lifespan(
         )
         pool.on_gauges = admission.refresh
         image_fetcher = _image_fetcher(settings)
+        batch_store = BatchStore(await open_database(settings.database_url, settings.data_dir))
+        await batch_store.create_schema()
+        batch_files = FileStorage(settings.data_dir / "files")
+        new_batch = asyncio.Event()
         state = app.state.gateway = GatewayState(
             settings=settings,
             metrics=metrics,
@@ -156,6 +168,20 @@ def _lifespan(
                 metrics=metrics,
                 image_fetcher=image_fetcher,
             ),
+            batches=BatchService(
+                batch_store, batch_files,
+                BatchLimits(BATCH_ENDPOINTS, settings.batch_max_items, request_size_limit(settings, registry)),
+                on_new_batch=new_batch,
+            ),
+        )
+        batch_runner = BatchRunner(
+            batch_store, batch_files,
+            AsgiDispatch(app, timeout_s=settings.request_timeout_s + BATCH_DISPATCH_MARGIN_S),
+            RunnerSettings(
+                max_in_flight=settings.batch_max_in_flight, lease_s=settings.batch_lease_s,
+                poll_s=settings.batch_poll_s, max_attempts=settings.batch_max_attempts,
+            ),
+            metrics=metrics, wake=new_batch,
         )
         # Everything built so far lives as long as the process. Frozen, the collector stops
         # walking it on each full collection: those walks were ~40 ms stalls, the relay's p99.
@@ -167,10 +193,13 @@ def _lifespan(
             stalls.observe(lag)
 
         lag_watch = asyncio.create_task(watch_loop_lag(observe_lag), name="loop-lag")
+        batch_runner.start()
         try:
             with drain_on_sigterm(state, settings.drain_s):
                 yield
         finally:
+            await batch_runner.stop()  # its running items go back to wait, for the next worker
+            await batch_store.db.close()
             lag_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag_watch
@@ -202,6 +231,7 @@ def _include_routes(app: FastAPI, *, keys_required: bool) -> None:
     documented_auth = [Security(HTTPBearer(auto_error=False, description="An API key"))] if keys_required else []
     app.include_router(scan.router, dependencies=documented_auth)
     app.include_router(openai.router, dependencies=documented_auth)
+    app.include_router(batches.router, dependencies=documented_auth)
     app.include_router(ops.router)
     app.include_router(web.router)
     app.mount(UI_PATH, StaticFiles(directory=web.WEB_DIR), name="ui")
@@ -215,6 +245,7 @@ def _add_middleware(
     app.add_middleware(
         BodySizeLimit, max_bytes=request_size_limit(settings, registry), timeout_s=settings.body_timeout_s,
         max_buffered_bytes=settings.max_buffered_bytes,
+        uploads={FILES_PATH: (settings.batch_max_file_bytes + MIB, settings.batch_upload_timeout_s)},
     )
     if keys and settings.max_in_flight_per_key:
         app.add_middleware(

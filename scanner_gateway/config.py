@@ -30,6 +30,12 @@ MAX_AUTO_IMAGE_WORKERS = 8
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
+def default_data_dir() -> Path:
+    """Beside the user's other application data (XDG); the container images set /data."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "scanner-gateway"
+
+
 def default_prompts_dir() -> Path:
     """The shipped tasks: inside the installed package, or prompts/ of a checkout (an
     editable install maps the package there without copying it)."""
@@ -99,6 +105,31 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_s: float = Field(600.0, gt=0, description="How long an Idempotency-Key's result is kept.")
     idempotency_max_keys: int = Field(10_000, ge=1, description="Idempotency keys kept at most (oldest dropped).")
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Batch files (uploads, outputs) and, without "
+        "SCANNER_DATABASE_URL, the SQLite database of batches; a volume every gateway process shares.",
+    )
+    database_url: str | None = Field(
+        None, description="Where batches are kept: postgresql://user:pass@host/db for several gateway "
+        "pods (needs the `postgres` extra), or sqlite:///path; unset: SQLite in SCANNER_DATA_DIR.",
+    )
+    batch_max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest upload to POST /v1/files.")
+    batch_upload_timeout_s: float = Field(
+        1800.0, gt=0, description="Time a client has to send a whole batch file upload (408 after).")
+    batch_max_items: int = Field(50_000, ge=1, description="Requests one batch may hold.")
+    batch_max_in_flight: int = Field(
+        4, ge=1, description="Batch items each gateway process runs at once (its bounded share of "
+        "the engines; each still waits for admission behind every interactive request).",
+    )
+    batch_lease_s: float = Field(
+        60.0, gt=0, description="How long a worker holds an item without renewing: an item of a "
+        "gateway that died is taken up again after this.",
+    )
+    batch_poll_s: float = Field(1.0, gt=0, description="How often workers look for items other processes added.")
+    batch_max_attempts: int = Field(
+        3, ge=1, description="Tries per item on an engine error (502/503/504) or a worker that died with it.",
+    )
 
     prompts_dir: Path = Field(default_factory=default_prompts_dir)
     default_locale: Literal["zh", "en"] = Field(

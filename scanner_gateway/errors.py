@@ -2,8 +2,8 @@
 
     GatewayError                      500 internal_error
     +-- ClientError                   400 invalid_request (the client's to fix)
-    |   +-- InvalidRequest, Unauthorized (401), ImageFetchFailed, MediaKindRefused,
-    |   |   UnknownTask / NotFound (404), MethodNotAllowed (405), BodyTimeout (408),
+    |   +-- InvalidRequest, InvalidBatchFile, BatchStateConflict (409), Unauthorized (401),
+    |   |   ImageFetchFailed, MediaKindRefused, UnknownTask / NotFound (404), MethodNotAllowed (405), BodyTimeout (408),
     |   |   PayloadTooLarge / ImageTooLarge (413), UnsupportedMedia (415),
     |   |   InvalidImage / IdempotencyKeyReused (422), EngineRejected (the engine's 4xx),
     |   |   ClientClosedRequest (499)
@@ -102,6 +102,20 @@ class ClientError(GatewayError):
 
 class InvalidRequest(ClientError):
     pass
+
+
+class InvalidBatchFile(ClientError):
+    """A batch's input file that cannot be a batch as a whole (not JSONL, repeated
+    `custom_id`s, too many lines); a bad line alone goes to the batch's error file."""
+
+    code = "invalid_batch_file"
+
+
+class BatchStateConflict(ClientError):
+    """An action the batch's state does not allow (cancelling a finished batch)."""
+
+    status = 409
+    code = "batch_state_conflict"
 
 
 class Unauthorized(ClientError):

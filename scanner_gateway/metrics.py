@@ -151,6 +151,12 @@ class GatewayMetrics:
         self.replica_kv_usage = Gauge("scanner_replica_engine_kv_cache_usage_ratio",
                                       "The engine's KV-cache usage at the last scrape.", ["replica"],
                                       multiprocess_mode="mostrecent", registry=r)
+        self.batch_items = Counter(
+            "scanner_batch_items", "Batch items this process worked, by outcome (done, failed: stored; "
+            "deferred: put back on a 429; retried: put back after an engine error).", ["outcome"], registry=r)
+        # Read from the database, the same figure in every process and pod: take the max, not the sum.
+        self.batch_item_states = Gauge("scanner_batch_item_states", "Batch items in the database by state.",
+                                       ["state"], multiprocess_mode="mostrecent", registry=r)
         # Which release answers (dashboards, rollouts): Info metrics do not work across workers.
         Gauge("scanner_build_info", "The gateway's version; always 1.", ["version"],
               multiprocess_mode="max", registry=r).labels(__version__).set(1)

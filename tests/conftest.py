@@ -9,8 +9,14 @@ so with a reason starting `optional:` and are allowed.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
+
+# Gateways started by the session's own fixtures keep batch files and their SQLite
+# database here, never in the user's data directory; each test gets its own below.
+os.environ["SCANNER_DATA_DIR"] = tempfile.mkdtemp(prefix="scanner-test-data-")
 
 OPTIONAL_SKIP = "optional:"
 _unexpected_skips: list[str] = []
@@ -18,6 +24,15 @@ _unexpected_skips: list[str] = []
 
 def _required() -> bool:
     return os.environ.get("SCANNER_REQUIRE_ALL_TESTS") == "1"
+
+
+@pytest.fixture(autouse=True)
+def batch_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A data directory (batch files, the SQLite database) per test: a batch one test
+    leaves unfinished is never worked by the next test's gateway."""
+    data_dir = tmp_path / "scanner-data"
+    monkeypatch.setenv("SCANNER_DATA_DIR", str(data_dir))
+    return data_dir
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -21,6 +21,12 @@ from scanner_gateway.errors import Unauthorized
 # button ask for a key before calling the API, and a browser cannot send one to load them).
 
 
+# Set only by the batch worker's in-process calls (api/batch_dispatch.py): a scope from the
+# network never carries it (servers build scopes from the wire), and the batch's key was
+# checked when the batch was created.
+BATCH_CALLER_SCOPE_KEY = "scanner_gateway.batch_owner"
+
+
 def key_matches(presented: str, keys: Sequence[str]) -> bool:
     presented_b = presented.encode()
     matched = False
@@ -44,7 +50,8 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(OPEN_PREFIXES):
+        if (scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(OPEN_PREFIXES)
+                or BATCH_CALLER_SCOPE_KEY in scope):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,25 +36,31 @@ class BodySizeLimit:
     sent, though a scan lets go of it earlier.)
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_buffered_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, max_buffered_bytes: int,
+                 uploads: Mapping[str, tuple[int, float]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.max_buffered_bytes = max(max_buffered_bytes, max_bytes)  # one largest request always fits
         self.buffered = 0
+        # path -> (max bytes, timeout): file uploads, larger and slower, spooled to disk as
+        # they arrive (so not counted among the buffered bytes).
+        self.uploads = dict(uploads or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, timeout_s = self.uploads.get(scope["path"], (self.max_bytes, self.timeout_s))
+        counted = scope["path"] not in self.uploads
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit():
             length = int(declared)
-            if length > self.max_bytes:
-                await error_response(self._error()).__call__(scope, receive, send)
+            if length > max_bytes:
+                await error_response(self._error(max_bytes)).__call__(scope, receive, send)
                 return
-            if self.buffered + length > self.max_buffered_bytes:
+            if counted and self.buffered + length > self.max_buffered_bytes:
                 await error_response(self._busy()).__call__(scope, receive, send)
                 return
         encoding = headers.get(b"content-encoding")  # absent on nearly every request: no work then
@@ -78,34 +84,34 @@ class BodySizeLimit:
             if body_done:  # later reads wait for a disconnect, as long as the answer takes
                 return await receive()
             if deadline is None:
-                deadline = asyncio.get_running_loop().time() + self.timeout_s
+                deadline = asyncio.get_running_loop().time() + timeout_s
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
                 raise BodyTimeout(
-                    f"the request body did not arrive within {self.timeout_s:g} s ({received} bytes came)",
+                    f"the request body did not arrive within {timeout_s:g} s ({received} bytes came)",
                     param="body",
                     headers={"Connection": "close"},  # the rest of the body is never read
                 ) from None
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
-                if received + size > self.max_bytes:
-                    raise self._error()
-                if self.buffered + size > self.max_buffered_bytes:
+                if received + size > max_bytes:
+                    raise self._error(max_bytes)
+                if counted and self.buffered + size > self.max_buffered_bytes:
                     raise self._busy(headers={"Connection": "close"})  # the rest is never read
                 received += size
-                self.buffered += size
+                self.buffered += size if counted else 0
                 body_done = not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, limited_receive, send)
         finally:
-            self.buffered -= received
+            self.buffered -= received if counted else 0
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes", param="body")
+    def _error(self, max_bytes: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds {max_bytes} bytes", param="body")
 
     def _busy(self, headers: dict[str, str] | None = None) -> Overloaded:
         return Overloaded(

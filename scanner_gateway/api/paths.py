@@ -8,6 +8,9 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 RESPONSES_PATH = "/v1/responses"  # the OpenAI SDKs' `client.responses.create`, which vLLM serves
 RELAYED_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})
+FILES_PATH = "/v1/files"  # OpenAI's Files and Batches APIs, for batch jobs
+BATCHES_PATH = "/v1/batches"
+BATCH_ENDPOINTS = frozenset({SCAN_PATH, CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH})  # what a batch line may call
 SCAN_MODEL_PATHS = frozenset({CHAT_PATH, RESPONSES_PATH})  # where a `scan/<task>` model is served
 
 HOME_PATH = "/"

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scanner_gateway.admission import AdmissionController
+from scanner_gateway.batches.service import BatchService
 from scanner_gateway.config import Settings
 from scanner_gateway.metrics import GatewayMetrics
 from scanner_gateway.scan.service import ScanService
@@ -25,6 +26,7 @@ class GatewayState:
     admission: AdmissionController
     chat_relay: ChatRelay
     scan_service: ScanService
+    batches: BatchService
     draining: bool = False  # set on SIGTERM: /ready says 503 while requests in flight finish
 
 

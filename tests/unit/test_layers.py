@@ -8,6 +8,8 @@ DOMAIN = (
     "scanner_gateway.errors", "scanner_gateway.admission", "scanner_gateway.scan.tasks",
     "scanner_gateway.scan.schema", "scanner_gateway.scan.images", "scanner_gateway.scan.results",
     "scanner_gateway.scan.service", "scanner_gateway.upstream.pool", "scanner_gateway.upstream.client",
+    "scanner_gateway.batches.service", "scanner_gateway.batches.runner", "scanner_gateway.batches.store",
+    "scanner_gateway.batches.database",
 )
 CLIENT = ("scanner_gateway.client", "scanner_gateway.client.bulk")
 SERVER_ONLY = ("fastapi", "starlette", "prometheus_client", "pydantic_settings")

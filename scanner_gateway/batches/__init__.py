@@ -1,0 +1,1 @@
+"""Batch jobs: OpenAI's Files and Batches, durable in a database, worked by every gateway process."""
