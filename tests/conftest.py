@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,34 @@ def batch_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data_dir = tmp_path / "scanner-data"
     monkeypatch.setenv("SCANNER_DATA_DIR", str(data_dir))
     return data_dir
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the real PostgreSQL server .ci/run starts (scripts/test-postgres.sh
+    prints its URL for SCANNER_TEST_DATABASE_URL), dropped after the test."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    base = os.environ.get("SCANNER_TEST_DATABASE_URL")
+    if not base:
+        pytest.skip("needs SCANNER_TEST_DATABASE_URL: eval the URL printed by scripts/test-postgres.sh")
+    name = f"scanner_t_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f"CREATE DATABASE {name}"))
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
