@@ -45,7 +45,7 @@ def check_request(line: bytes, endpoint: str) -> BatchRequest:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a JSON object ({exc})") from None
     if not isinstance(fields, dict):
-        raise ValueError("not a JSON object")
+        raise ValueError("not a JSON object")  # noqa: TRY004 - a message for the error file, not a type error
     custom_id = fields.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise ValueError(f'"custom_id" must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters')
@@ -59,7 +59,7 @@ def check_request(line: bytes, endpoint: str) -> BatchRequest:
         raise ValueError(f'"url" must be the batch\'s endpoint {endpoint!r}; got {echo(url)}')
     body = fields.get("body")
     if not isinstance(body, dict):
-        raise ValueError('"body" must be a JSON object (the request as the endpoint takes it)')
+        raise ValueError('"body" must be a JSON object (the request as the endpoint takes it)')  # noqa: TRY004
     if body.get("stream"):
         raise ValueError('"stream" is not supported in a batch: each answer is stored whole')
     return BatchRequest(custom_id, url, body)

@@ -15,7 +15,12 @@ from typing import BinaryIO
 
 from scanner_gateway.batches.file_storage import FileStorage
 from scanner_gateway.batches.input_lines import read_input_file
-from scanner_gateway.batches.objects import COMPLETION_WINDOWS, BatchObject, FileObject, RequestCounts
+from scanner_gateway.batches.objects import (
+    COMPLETION_WINDOWS,
+    BatchObject,
+    FileObject,
+    RequestCounts,
+)
 from scanner_gateway.batches.store import BatchStore
 from scanner_gateway.errors import BatchStateConflict, InvalidRequest, NotFound, echo
 

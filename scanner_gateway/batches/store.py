@@ -11,6 +11,7 @@ again: each item's answer is stored once, and its request is not sent again afte
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ SCHEMA = (
         filename TEXT NOT NULL,
         bytes BIGINT NOT NULL,
         created_at BIGINT NOT NULL,
+        created_us BIGINT NOT NULL,
         deleted_at BIGINT)""",
     """CREATE TABLE IF NOT EXISTS batches (
         id TEXT PRIMARY KEY,
@@ -37,6 +39,7 @@ SCHEMA = (
         status TEXT NOT NULL,
         metadata TEXT,
         created_at BIGINT NOT NULL,
+        created_us BIGINT NOT NULL,
         in_progress_at BIGINT,
         expires_at BIGINT NOT NULL,
         finalizing_at BIGINT,
@@ -49,7 +52,7 @@ SCHEMA = (
         error_file_id TEXT,
         final_owner TEXT,
         final_until DOUBLE PRECISION)""",
-    "CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS batches_by_owner ON batches (owner, created_us)",
     "CREATE INDEX IF NOT EXISTS batches_by_status ON batches (status)",
     """CREATE TABLE IF NOT EXISTS batch_items (
         batch_id TEXT NOT NULL,
@@ -102,6 +105,11 @@ class ItemOutcome:
         return "done" if self.status_code is not None and 200 <= self.status_code < 300 else "failed"
 
 
+def _created_us() -> int:
+    """Creation order for listing newest first (several per second happen; ids are random)."""
+    return time.time_ns() // 1000
+
+
 def _file(row: Row) -> FileObject:
     return FileObject(id=row["id"], bytes=row["bytes"], created_at=row["created_at"],
                       filename=row["filename"], purpose=row["purpose"])
@@ -121,9 +129,9 @@ class BatchStore:
     async def add_file(self, file: FileObject, owner: str, conn: Connection | None = None) -> None:
         # ON CONFLICT: a finalizer that died after writing its row and is run again.
         await (conn or self.db).execute(
-            "INSERT INTO batch_files (id, owner, purpose, filename, bytes, created_at) "
-            "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
-            file.id, owner, file.purpose, file.filename, file.bytes, file.created_at,
+            "INSERT INTO batch_files (id, owner, purpose, filename, bytes, created_at, created_us) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            file.id, owner, file.purpose, file.filename, file.bytes, file.created_at, _created_us(),
         )
 
     async def get_file(self, file_id: str, owner: str) -> FileObject | None:
@@ -134,8 +142,8 @@ class BatchStore:
     async def list_files(self, owner: str, limit: int, after: str | None) -> list[FileObject]:
         rows = await self.db.fetch(
             "SELECT * FROM batch_files WHERE owner = $1 AND deleted_at IS NULL AND (CAST($2 AS TEXT) IS NULL OR "
-            "(created_at, id) < (SELECT created_at, id FROM batch_files WHERE id = $2)) "
-            "ORDER BY created_at DESC, id DESC LIMIT $3",
+            "created_us < (SELECT created_us FROM batch_files WHERE id = $2)) "
+            "ORDER BY created_us DESC LIMIT $3",
             owner, after, limit,
         )
         return [_file(row) for row in rows]
@@ -158,10 +166,11 @@ class BatchStore:
         async with self.db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, metadata, "
-                "created_at, in_progress_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                "created_at, created_us, in_progress_at, expires_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 batch.id, owner, batch.endpoint, batch.input_file_id, batch.completion_window, batch.status,
                 json.dumps(batch.metadata) if batch.metadata is not None else None,
-                batch.created_at, batch.in_progress_at, batch.expires_at,
+                batch.created_at, _created_us(), batch.in_progress_at, batch.expires_at,
             )
             for start in range(0, len(lines), INSERT_CHUNK):
                 await conn.executemany(
@@ -184,8 +193,8 @@ class BatchStore:
     async def list_batches(self, owner: str, limit: int, after: str | None) -> list[BatchObject]:
         rows = await self.db.fetch(
             "SELECT * FROM batches WHERE owner = $1 AND (CAST($2 AS TEXT) IS NULL OR "
-            "(created_at, id) < (SELECT created_at, id FROM batches WHERE id = $2)) "
-            "ORDER BY created_at DESC, id DESC LIMIT $3",
+            "created_us < (SELECT created_us FROM batches WHERE id = $2)) "
+            "ORDER BY created_us DESC LIMIT $3",
             owner, after, limit,
         )
         return await self._with_counts(rows)
@@ -225,7 +234,7 @@ class BatchStore:
             "  SELECT i.batch_id, i.line_no FROM batch_items i JOIN batches b ON b.id = i.batch_id "
             "  WHERE b.status = 'in_progress' AND b.expires_at > CAST($3 AS DOUBLE PRECISION) "
             "    AND (i.state = 'pending' OR (i.state = 'running' AND i.lease_until < CAST($3 AS DOUBLE PRECISION))) "
-            f"  ORDER BY b.created_at, i.batch_id, i.line_no LIMIT $4{self.db.claim_lock}) "
+            f"  ORDER BY b.created_us, i.line_no LIMIT $4{self.db.claim_lock}) "
             "RETURNING batch_id, line_no, custom_id, byte_offset, byte_length, attempts",
             worker, now + lease_s, now, limit,
         )

@@ -4,7 +4,6 @@ server (.ci/run starts it). Leases decide who works an item; times are passed in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
