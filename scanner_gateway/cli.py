@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
 from scanner_gateway import __version__
+from scanner_gateway.batch_cli import batch_app
 from scanner_gateway.client import DEFAULT_URL, AsyncScanClient, ScanError
 from scanner_gateway.client.bulk import (
     IMAGE_SUFFIXES,
@@ -43,6 +44,7 @@ from scanner_gateway.serving import run_gateway
 
 app = typer.Typer(help="Retail-vision scan gateway in front of vLLM.", no_args_is_help=True)
 console = Console(stderr=True)
+app.add_typer(batch_app, name="batch")
 
 # The dev model's context: its largest prompt (4 images x 1200 tokens) plus a retried answer.
 DEV_MAX_MODEL_LEN = 20480

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import openai
@@ -25,7 +27,7 @@ from tests.batch_lines import (
     scan_model_line,
 )
 from tests.e2e.engine_watch import engine_metric, gateway_metric, wait_until
-from tests.helpers import gateway_process
+from tests.helpers import gateway_process, shelf_jpeg
 
 pytestmark = pytest.mark.e2e
 BATCH_DEADLINE_S = 400  # 2 shared cores: a scan of the dev model takes seconds
@@ -94,6 +96,29 @@ def test_the_openai_sdk_runs_a_batch_from_upload_to_output_file(gateway_with):
         page = client.batches.list(limit=1)  # newest first, paged
         assert [b.id for b in page.data] == [scans.id] and page.has_more
         assert [b.id for b in client.batches.list(after=scans.id).data] == [batch.id]
+
+
+def test_the_batch_cli_submits_a_folder_follows_it_and_downloads_the_answers(gateway_url, tmp_path):
+    photos = tmp_path / "store-0042"
+    photos.mkdir()
+    for seed in (1, 2):
+        (photos / f"shelf-{seed}.jpg").write_bytes(shelf_jpeg(320, 240, seed=seed))
+    out = tmp_path / "answers"
+    done = subprocess.run(
+        [sys.executable, "-m", "scanner_gateway", "batch", "submit", str(photos), "--task", "storefront",
+         "--url", gateway_url, "--wait", "--out", str(out)],
+        capture_output=True, text=True, timeout=BATCH_DEADLINE_S,
+    )
+    assert done.returncode == 0, done.stderr
+    batch_id = done.stdout.strip()
+    assert batch_id.startswith("batch_") and "completed, 2 done, 0 failed of 2" in done.stderr
+    rows = parse_jsonl((out / "output.jsonl").read_text())
+    assert sorted(Path(r["custom_id"]).name for r in rows) == ["shelf-1.jpg", "shelf-2.jpg"]
+    assert all(r["response"]["body"]["task"] == "storefront" for r in rows)
+    assert not (out / "errors.jsonl").exists()
+    status = subprocess.run([sys.executable, "-m", "scanner_gateway", "batch", "status", batch_id,
+                             "--url", gateway_url], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "completed" in status.stderr
 
 
 def item_states(database: Path) -> dict[str, int]:
