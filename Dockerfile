@@ -8,7 +8,7 @@ COPY prompts ./prompts
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[server,postgres]"
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 gateway
+RUN useradd --create-home --uid 10001 gateway && mkdir /data && chown gateway:gateway /data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY --chown=gateway:gateway prompts /app/prompts
@@ -17,7 +17,10 @@ USER gateway
 ENV SCANNER_HOST=0.0.0.0 \
     SCANNER_PORT=8080 \
     SCANNER_PROMPTS_DIR=/app/prompts \
+    SCANNER_DATA_DIR=/data \
     PYTHONUNBUFFERED=1
+# Batch files and (without SCANNER_DATABASE_URL) the SQLite database of batches.
+VOLUME /data
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2)"]
