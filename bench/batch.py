@@ -36,7 +36,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from bench.common import exit_on_sigterm, free_port, machine, pct, results_base, wait_http
+from bench.common import exit_on_sigterm, free_port, machine, pct, results_base, stop, wait_http
 from bench.fake_engine import start_fake_engine
 from scanner_gateway.client.batch_client import BatchClient, write_scan_batch
 from scanner_gateway.client.bulk import ResultsFile, scan_all
@@ -153,9 +153,8 @@ def main(
             client._http.post(f"/v1/batches/{second['id']}/cancel")
         busy = still["status"] == "in_progress"
     finally:
-        for proc in reversed(procs):
-            subprocess.run(["kill", "-TERM", f"-{proc.pid}"], check=False, capture_output=True)
-            proc.kill()
+        for proc in reversed(procs):  # the gateway (a session of its own, workers and all), then the fake engine
+            stop(proc) if proc.pid == os.getpgid(proc.pid) else proc.terminate()
             proc.wait()
         if managed is not None:
             managed.stop()

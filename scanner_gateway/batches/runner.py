@@ -67,6 +67,7 @@ class BatchRunner:
         self.clock = clock
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._slot_free = asyncio.Event()
+        self._stored = asyncio.Event()  # an item was stored: its batch may be finished now
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -116,6 +117,7 @@ class BatchRunner:
                 return
             if await self.store.finish(item, self.worker, outcome):
                 self._count(outcome.state)
+                self._stored.set()
             else:
                 log.warning("batch %s line %d: lease lost before the answer was stored; another worker has it",
                             item.batch_id, item.line_no)
@@ -162,8 +164,16 @@ class BatchRunner:
     async def _upkeep_loop(self) -> None:
         last_counts = 0.0
         last_renewal = self.clock()
+        last_upkeep = self.clock()
         while True:
-            await asyncio.sleep(self.settings.poll_s)
+            # Each poll, and as soon as this process stored an answer with nothing else running
+            # (its batch's last item, maybe: its files are written at once, not a poll later).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stored.wait(), self.settings.poll_s)
+            self._stored.clear()
+            if self._running and self.clock() - last_upkeep < self.settings.poll_s:
+                continue
+            last_upkeep = self.clock()
             try:
                 now = self.clock()
                 if now - last_renewal >= self.settings.lease_s / 3:
