@@ -9,7 +9,7 @@ from collections.abc import Collection, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scanner_gateway.api.auth import client_scope
+from scanner_gateway.api.auth import BATCH_CALLER_SCOPE_KEY, client_scope
 from scanner_gateway.api.errors import error_response
 from scanner_gateway.errors import (
     BodyTimeout,
@@ -140,7 +140,9 @@ class KeyConcurrencyLimit:
         if scope["type"] != "http" or scope["path"] not in self.limited_paths:
             await self.app(scope, receive, send)
             return
-        key = client_scope(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+        # A batch item counts against the key that created its batch (the same tag).
+        key = scope.get(BATCH_CALLER_SCOPE_KEY) or client_scope(
+            dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
         if self.open[key] >= self.max_in_flight:
             self.metrics.client_limit_rejections.inc()
             err = KeyOverLimit(f"this API key already has {self.max_in_flight} requests open; retry shortly")

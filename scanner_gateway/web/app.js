@@ -318,6 +318,42 @@ async function scan(event) {
   }
 }
 
+async function download(fileId, name) {
+  const response = await fetch(`/v1/files/${encodeURIComponent(fileId)}/content`, { headers: apiHeaders() });
+  if (!response.ok) {
+    const { code, message, hint } = await readError(response);
+    showError(message, code, hint);
+    return;
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = name;
+  link.click();
+  URL.revokeObjectURL(link.href);
+}
+
+async function loadBatches() {
+  const list = $("batches");
+  const response = await fetch("/v1/batches?limit=20", { headers: apiHeaders() });
+  if (!response.ok) { list.replaceChildren(text("li", "Batches need a valid key.")); return; }
+  const batches = (await response.json()).data;
+  list.replaceChildren(...(batches.length ? [] : [text("li", "No batches yet.")]));
+  for (const batch of batches) {
+    const counts = batch.request_counts;
+    const item = text("li", `${batch.id} (${batch.endpoint}): ${batch.status}, ${counts.completed} done, ` +
+      `${counts.failed} failed of ${counts.total}, created ${new Date(batch.created_at * 1000).toLocaleString()}`);
+    item.className = "batch";
+    for (const [fileId, name] of [[batch.output_file_id, "output"], [batch.error_file_id, "errors"]]) {
+      if (!fileId) continue;
+      const button = text("button", name, "button");
+      button.type = "button";
+      button.addEventListener("click", () => download(fileId, `${batch.id}_${name}.jsonl`));
+      item.append(" ", button);
+    }
+    list.append(item);
+  }
+}
+
 function setup() {
   $("task").addEventListener("change", () => { rememberTask(); describeTask(); });
   $("photos").addEventListener("change", (e) => setFiles(e.target.files));
@@ -333,8 +369,11 @@ function setup() {
     const key = $("api-key").value.trim();
     if (key) sessionStorage.setItem(KEY_STORAGE, key); else sessionStorage.removeItem(KEY_STORAGE);
     loadTasks();
+    loadBatches();
   });
+  $("refresh-batches").addEventListener("click", loadBatches);
   loadTasks();
+  loadBatches();
 }
 
 setup();

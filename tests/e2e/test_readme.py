@@ -35,7 +35,8 @@ def readme_commands() -> list[str]:
         for line in joined.splitlines():
             line = line.split("  #")[0].strip()
             if "curl " in line or line.startswith((".venv/bin/scanner-gateway sample-photo",
-                                                   ".venv/bin/scanner-gateway scan ")):
+                                                   ".venv/bin/scanner-gateway scan ",
+                                                   ".venv/bin/scanner-gateway batch ")):
                 commands.append(line)
     return commands
 
@@ -77,6 +78,9 @@ def test_make_up_then_readme_examples_then_ctrl_c(tmp_path, dev_model_dir):
                 if "/v1/scan" in command:
                     assert body["object"] == "scan.result"
                     assert body["images"][0]["width"] == 4000  # the README's 12 MP sample photo
+            if " batch submit " in command:  # the batch's answers, downloaded
+                answer = json.loads((tmp_path / "answers" / "output.jsonl").read_text())
+                assert answer["response"]["body"]["images"][0]["width"] == 4000
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:

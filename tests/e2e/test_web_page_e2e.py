@@ -53,3 +53,41 @@ def test_a_real_scan_in_the_browser(gateway_url, task, tmp_path):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"scan-terminal-real-engine-{task}.png"), full_page=True)
         browser.close()
+
+
+def test_the_page_lists_a_keys_batches_and_downloads_their_answers(gateway_with, tmp_path):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from tests.batch_lines import chat_line, jsonl
+
+    with gateway_with(api_keys="store-key,other-key", batch_poll_s=0.5) as url:
+        key = {"authorization": "Bearer store-key"}
+        upload = httpx.post(f"{url}/v1/files", files={"file": ("in.jsonl", jsonl([chat_line("shelf-7", DEV_SERVED_NAME)]))},
+                            data={"purpose": "batch"}, headers=key).json()
+        batch = httpx.post(f"{url}/v1/batches", json={"input_file_id": upload["id"],
+                                                      "endpoint": "/v1/chat/completions"}, headers=key).json()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.click("#key-box summary")
+            page.fill("#api-key", "other-key")
+            page.click("#save-key")
+            page.wait_for_function("document.querySelector('#batches').textContent.includes('No batches yet')")
+            page.fill("#api-key", "store-key")
+            page.click("#save-key")
+            page.wait_for_selector(f"#batches li:has-text('{batch['id']}')")
+            for _ in range(120):  # until the batch is done (one short answer)
+                page.click("#refresh-batches")
+                if page.locator(f"#batches li:has-text('{batch['id']}'):has-text('completed')").count():
+                    break
+                page.wait_for_timeout(1000)
+            row = page.locator(f"#batches li:has-text('{batch['id']}')")
+            assert "1 done, 0 failed of 1" in row.inner_text()
+            with page.expect_download() as download:
+                row.locator("button:has-text('output')").click()
+            saved = tmp_path / "output.jsonl"
+            download.value.save_as(saved)
+            assert '"custom_id": "shelf-7"' in saved.read_text()
+            browser.close()
