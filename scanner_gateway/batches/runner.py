@@ -56,7 +56,7 @@ class RunnerSettings:
 class BatchRunner:
     def __init__(self, store: BatchStore, storage: FileStorage, dispatch: Dispatch, settings: RunnerSettings,
                  *, metrics: GatewayMetrics | None = None, wake: asyncio.Event | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, stopping: Callable[[], bool] = lambda: False) -> None:
         self.store = store
         self.storage = storage
         self.dispatch = dispatch
@@ -65,6 +65,7 @@ class BatchRunner:
         self.worker = f"worker-{uuid.uuid4().hex[:12]}"
         self.wake = wake or asyncio.Event()
         self.clock = clock
+        self.stopping = stopping  # true once the gateway drains: start nothing more
         self._running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._slot_free = asyncio.Event()
         self._stored = asyncio.Event()  # an item was stored: its batch may be finished now
@@ -89,7 +90,7 @@ class BatchRunner:
     async def _claim_loop(self) -> None:
         while True:
             try:
-                free = self.settings.max_in_flight - len(self._running)
+                free = 0 if self.stopping() else self.settings.max_in_flight - len(self._running)
                 items = await self.store.claim(self.worker, free, self.clock(), self.settings.lease_s) if free else []
             except Exception:
                 log.exception("batch worker: claiming items failed; trying again")

@@ -72,3 +72,16 @@ def test_wrk_scan_script_posts_multipart_scans(fake_engine, tmp_path):
     assert mix and int(mix.group(1)) > 0, done.stdout
     scans = [r for r in fake_engine.received if r.path == "/v1/chat/completions"]
     assert len(scans) >= int(mix.group(1)) and b"image_url" in scans[0].body
+
+
+def test_batch_bench_compares_a_batch_with_the_bulk_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.batch", "--items", "12", "--interactive-seconds", "5", "--fake-ms", "20",
+         "--no-save"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = re.sub(r"\s+", " ", done.stdout)
+    assert re.search(r"batch / bulk CLI \| [\d.]+x \| >= 0.95x", out)
+    assert re.search(r"with / without \| [\d.]+x \| <= 1.5x", out)
+    assert "interactive scans not answered 200 (0: no answer in 60 s) | none" in out
