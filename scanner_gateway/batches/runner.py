@@ -89,6 +89,9 @@ class BatchRunner:
 
     async def _claim_loop(self) -> None:
         while True:
+            # Cleared before claiming: an item that ends from here on wakes the wait below.
+            self._slot_free.clear()
+            self.wake.clear()
             try:
                 free = 0 if self.stopping() else self.settings.max_in_flight - len(self._running)
                 items = await self.store.claim(self.worker, free, self.clock(), self.settings.lease_s) if free else []
@@ -101,8 +104,6 @@ class BatchRunner:
             if items and len(self._running) < self.settings.max_in_flight:
                 continue  # more may be waiting
             # Wait for a free slot, a new batch in this process, or the next poll (other processes' batches).
-            self._slot_free.clear()
-            self.wake.clear()
             waits = [asyncio.ensure_future(self.wake.wait())]
             if self._running:
                 waits.append(asyncio.ensure_future(self._slot_free.wait()))
