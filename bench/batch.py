@@ -168,8 +168,9 @@ def main(
         upload_s, batch_s, done = run_batch(url, batch_file)
         assert done["status"] == "completed" and done["request_counts"]["completed"] == items, done
         console.print("4. interactive with a batch running ...")
-        # Enough items, at the rate just measured, to keep the batch running through the window.
-        needed = math.ceil(items / batch_s * (interactive_seconds + 10)) + concurrency
+        # Twice the items the rate just measured would finish in the window: a CPU engine ran
+        # this batch faster with an interactive scan beside it, and ended before the window did.
+        needed = math.ceil(2 * items / batch_s * (interactive_seconds + 10)) + concurrency
         with BatchClient(url) as client:
             second = client.submit(cycled(batch_file, needed, tmp / "longer.jsonl"))
             time.sleep(2)  # the batch's items are in flight
