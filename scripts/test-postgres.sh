@@ -3,8 +3,10 @@
 # and makes a role the tests may create databases with; prints the URL for
 # SCANNER_TEST_DATABASE_URL. Run as root (CI, a dev container): sudo bash scripts/test-postgres.sh
 set -euo pipefail
+# Only the URL on stdout (the caller captures it); whatever the tools say goes to stderr.
+exec 3>&1 1>&2
 read -r version cluster port _ < <(pg_lsclusters -h | head -1)
-pg_ctlcluster "$version" "$cluster" start 2>/dev/null || pg_ctlcluster "$version" "$cluster" status >/dev/null
+pg_ctlcluster "$version" "$cluster" start 2>/dev/null 3>&- || pg_ctlcluster "$version" "$cluster" status >/dev/null
 for _ in $(seq 1 60); do
   runuser -u postgres -- pg_isready -q -p "$port" && break
   sleep 1
@@ -18,4 +20,4 @@ END $$;
 SELECT 'CREATE DATABASE scanner_test OWNER scanner_test'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'scanner_test')\gexec
 SQL
-echo "postgresql://scanner_test:scanner_test@127.0.0.1:${port}/scanner_test"
+echo >&3 "postgresql://scanner_test:scanner_test@127.0.0.1:${port}/scanner_test"
