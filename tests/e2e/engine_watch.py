@@ -20,6 +20,9 @@ from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 
 T = TypeVar("T")
 DEADLINE_S = 120.0
+# A held generation's length: minutes even at the dev engine's best rate (a single
+# sequence, a short context), so it runs until the test lets go, never ends on its own.
+HELD_MAX_TOKENS = 1_000_000
 # On 2 cores vLLM's busy engine processes starve its API server: /metrics may take seconds.
 METRICS_TIMEOUT_S = 60.0
 
@@ -92,7 +95,7 @@ def engine_held(gateway_url: str, engine_url: str, headers: dict[str, str] | Non
     # Unread, its ~2 KB chunks (20 logprobs each) fill the sockets' buffers long before it
     # ends, so the relay, and its slot, wait for this client however fast the engine is.
     body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 15000, "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}
+            "max_tokens": HELD_MAX_TOKENS, "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status_code == 200, r.read()
@@ -111,7 +114,7 @@ def engine_full(engine_url: str, seqs: int = DEV_MAX_NUM_SEQS) -> Iterator[None]
     as the block lasts. Entered once each generation has started; on exit they are dropped
     (vLLM aborts them, so they count in no finished total) and the engine is idle again."""
     body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 15000, "ignore_eos": True, "stream": True}
+            "max_tokens": HELD_MAX_TOKENS, "ignore_eos": True, "stream": True}
     with ExitStack() as streams:
         client = streams.enter_context(httpx.Client(timeout=120))
         for _ in range(seqs):

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME
-from tests.e2e.engine_watch import engine_held, finished, gateway_metric, wait_finished, wait_until
+from tests.e2e.engine_watch import (
+    HELD_MAX_TOKENS,
+    engine_held,
+    finished,
+    gateway_metric,
+    wait_finished,
+    wait_until,
+)
 from tests.helpers import shelf_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +90,7 @@ def test_with_no_cap_a_saturated_engine_makes_scans_wait_in_the_gateway(gateway_
     # Twelve long generations straight at the engine: it runs 8 (--max-num-seqs) and queues
     # 4, which its vllm:num_requests_waiting gauge reports: saturated, for the gateway.
     body = {"model": DEV_SERVED_NAME, "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 15000, "ignore_eos": True, "stream": True}
+            "max_tokens": HELD_MAX_TOKENS, "ignore_eos": True, "stream": True}
     with gateway_with(probe_interval_s=0.5) as url, ExitStack() as holds:
         client = holds.enter_context(httpx.Client(timeout=120))
         for _ in range(12):

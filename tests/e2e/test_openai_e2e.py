@@ -14,6 +14,7 @@ import pytest
 
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 from scanner_gateway.scan.results import ProductScan
+from tests.e2e.engine_watch import HELD_MAX_TOKENS
 from tests.helpers import shelf_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -131,7 +132,7 @@ def generated_tokens(engine_url: str) -> float:
 
 
 def test_client_disconnect_mid_stream_frees_the_engine(gateway_url, engine):
-    body = {"model": DEV_SERVED_NAME, "messages": user("go on", image=False), "max_tokens": 15000,
+    body = {"model": DEV_SERVED_NAME, "messages": user("go on", image=False), "max_tokens": HELD_MAX_TOKENS,
             "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", f"{gateway_url}/v1/chat/completions", json=body) as r:
@@ -139,7 +140,7 @@ def test_client_disconnect_mid_stream_frees_the_engine(gateway_url, engine):
             chunks = r.iter_raw()
             for _ in range(20):
                 next(chunks)
-    # The client left after a few chunks of a ~15 s generation: the engine must stop
+    # The client left after a few chunks of a generation that runs for minutes: the engine must stop
     # producing tokens (counter flat), not finish the request for nobody.
     time.sleep(1.0)
     before = generated_tokens(engine.base_url)
