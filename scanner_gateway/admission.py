@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from scanner_gateway.errors import InvalidRequest, Overloaded, echo
+from scanner_gateway.tracing import TRACER
 
 if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
     from scanner_gateway.metrics import GatewayMetrics
@@ -181,14 +182,16 @@ class AdmissionController:
     async def slot(self, klass: PriorityClass, deadline: float | None = None) -> AsyncIterator[None]:
         """Hold one of the `max_in_flight` slots for the duration of the block."""
         rank = PRIORITY_CLASSES.index(klass)
-        # full: every slot taken when this one started, so its hold is one at full load
-        if not self._queue and self._room():
-            self.in_flight += 1
-            full = self.in_flight == self.max_in_flight  # it took the last free slot
-        else:
-            # Full if handed over by a request that ended with others waiting; not if let
-            # in because the engines had room again.
-            full = await self._wait(klass, rank, deadline)
+        with TRACER.start_as_current_span("admission", attributes={"scanner.priority": klass}) as span:
+            # full: every slot taken when this one started, so its hold is one at full load
+            if not self._queue and self._room():
+                self.in_flight += 1
+                full = self.in_flight == self.max_in_flight  # it took the last free slot
+            else:
+                # Full if handed over by a request that ended with others waiting; not if let
+                # in because the engines had room again.
+                span.set_attribute("scanner.queued", True)
+                full = await self._wait(klass, rank, deadline)
         self.stats.admitted[klass] += 1
         token = next(self._seq)
         started = self._started[token] = self._clock()
