@@ -129,3 +129,21 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_the_engine_exports_its_spans_where_the_gateway_does(monkeypatch):
+    from scanner_gateway.engine.launcher import engine_env
+
+    opts = EngineOptions(model="/models/m")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert "--otlp-traces-endpoint" not in engine_command(opts)  # off by default
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "scanner-gateway")
+    cmd = engine_command(opts)
+    assert cmd[cmd.index("--otlp-traces-endpoint") + 1] == "http://collector:4318/v1/traces"
+    env = engine_env("/models/m")
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"  # vLLM's own default is gRPC
+    assert env["OTEL_SERVICE_NAME"] == "vllm"  # not the gateway's name
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert "--otlp-traces-endpoint" not in engine_command(opts)
