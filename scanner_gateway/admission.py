@@ -182,15 +182,15 @@ class AdmissionController:
     async def slot(self, klass: PriorityClass, deadline: float | None = None) -> AsyncIterator[None]:
         """Hold one of the `max_in_flight` slots for the duration of the block."""
         rank = PRIORITY_CLASSES.index(klass)
-        with TRACER.start_as_current_span("admission", attributes={"scanner.priority": klass}) as span:
-            # full: every slot taken when this one started, so its hold is one at full load
-            if not self._queue and self._room():
-                self.in_flight += 1
-                full = self.in_flight == self.max_in_flight  # it took the last free slot
-            else:
+        # full: every slot taken when this one started, so its hold is one at full load
+        if not self._queue and self._room():
+            self.in_flight += 1
+            full = self.in_flight == self.max_in_flight  # it took the last free slot
+        else:
+            # A span only for a wait (or its 429): a slot found free at once costs no span.
+            with TRACER.start_as_current_span("admission", attributes={"scanner.priority": klass}):
                 # Full if handed over by a request that ended with others waiting; not if let
                 # in because the engines had room again.
-                span.set_attribute("scanner.queued", True)
                 full = await self._wait(klass, rank, deadline)
         self.stats.admitted[klass] += 1
         token = next(self._seq)
