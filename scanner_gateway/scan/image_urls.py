@@ -17,10 +17,13 @@ import asyncio
 import fnmatch
 from collections.abc import Sequence
 from typing import TypeGuard
+from urllib.parse import urlsplit
 
 import httpx
+from opentelemetry.trace import SpanKind
 
 from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest, Overloaded, echo
+from scanner_gateway.tracing import TRACER
 
 MAX_REDIRECTS = 3
 DEFAULT_MAX_ACTIVE_FETCHES = 64
@@ -74,7 +77,12 @@ class ImageFetcher:
                              "retry in 1 s", param=param)
         self.active += 1
         try:
-            return await self._fetch(url, param)
+            # The host only: a signed URL's query is a credential.
+            with TRACER.start_as_current_span("image fetch", kind=SpanKind.CLIENT,
+                                              attributes={"server.address": urlsplit(str(url)).hostname or ""}) as span:
+                data, media_type = await self._fetch(url, param)
+                span.set_attribute("scanner.image.bytes", len(data))
+                return data, media_type
         finally:
             self.active -= 1
 

@@ -34,6 +34,7 @@ from scanner_gateway.errors import (
     Overloaded,
     UnsupportedMedia,
 )
+from scanner_gateway.tracing import TRACER
 
 TILE = 32  # Qwen3-VL: 16 px patch x 2 spatial merge
 DEFAULT_JPEG_QUALITY = 85
@@ -328,6 +329,17 @@ class ImageNormalizer:
         self.quality = quality
 
     async def normalize(self, data: bytes | str, budget: PixelBudget, *, param: str = "image") -> NormalizedImage:
+        with TRACER.start_as_current_span("image normalize", attributes={"scanner.image.param": param}) as span:
+            image = await self._normalize(data, budget, param)
+            if span.is_recording():
+                span.set_attributes({
+                    "scanner.image.format": image.source_format, "scanner.image.bytes": image.source_bytes,
+                    "scanner.image.width": image.scale.original_width, "scanner.image.height": image.scale.original_height,
+                    "scanner.image.sent_width": image.scale.sent_width, "scanner.image.sent_height": image.scale.sent_height,
+                })
+            return image
+
+    async def _normalize(self, data: bytes | str, budget: PixelBudget, param: str) -> NormalizedImage:
         if self._waiting >= self._queue_limit:
             raise Overloaded("image decoding queue is full; retry shortly", retry_after_s=1)
         self._waiting += 1

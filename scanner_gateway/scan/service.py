@@ -27,6 +27,7 @@ from scanner_gateway.scan.images import ImageNormalizer, NormalizedImage
 from scanner_gateway.scan.postprocess import OutputInvalid, build_result, parse_output
 from scanner_gateway.scan.results import ImageInfo, ScanResult, ScanTimings, ScanUsage
 from scanner_gateway.scan.tasks import Locale, Task, TaskRegistry
+from scanner_gateway.tracing import TRACER
 from scanner_gateway.upstream.pool import ReplicaPool
 
 if TYPE_CHECKING:  # the metrics are passed in: the domain does not load prometheus_client
@@ -154,16 +155,19 @@ class ScanService:
             payload = build_payload(task, model, messages, len(images), max_tokens)
             if priority is not None:
                 payload["priority"] = priority
-            completion = await self.engine.chat(payload)
+            with TRACER.start_as_current_span("scan answer", attributes={
+                    "scanner.task": task.name, "scanner.attempt": attempt, "gen_ai.request.max_tokens": max_tokens}):
+                completion = await self.engine.chat(payload)
             _add_usage(usage, completion)
             choice = completion.choices[0] if completion.choices else None
             text = choice.message.content if choice and isinstance(choice.message.content, str) else None
             try:
-                if choice is not None and choice.finish_reason == "length":
-                    raise OutputInvalid(f"answer cut at max_tokens={max_tokens}")
-                result, box_warnings = build_result(
-                    parse_output(text, task.validator), scales, task.result_model
-                )
+                with TRACER.start_as_current_span("validate", attributes={"scanner.task": task.name}):
+                    if choice is not None and choice.finish_reason == "length":
+                        raise OutputInvalid(f"answer cut at max_tokens={max_tokens}")
+                    result, box_warnings = build_result(
+                        parse_output(text, task.validator), scales, task.result_model
+                    )
                 return result, usage, warnings + box_warnings, completion.model
             except OutputInvalid as exc:
                 self.metrics.output_failures.labels(task.name).inc()

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
+from opentelemetry import trace
 
 from scanner_gateway.context import request_id
 from scanner_gateway.errors import (
@@ -40,6 +41,7 @@ from scanner_gateway.errors import (
     client_error_for_status,
 )
 from scanner_gateway.protocol import ChatCompletion, ModelCard, ModelList
+from scanner_gateway.tracing import inject_trace_headers
 
 PROBE_TIMEOUT_S = 5.0  # generous: a busy engine's API process answers late, not never
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: we drop an idle connection before the
@@ -148,7 +150,9 @@ class EngineClient:
 
     def _headers(self, **extra: str) -> dict[str, str]:
         rid = request_id.get()
-        return {**extra, **self._auth, **({"X-Request-Id": rid} if rid else {})}
+        headers = {**extra, **self._auth, **({"X-Request-Id": rid} if rid else {})}
+        inject_trace_headers(headers)  # vLLM's spans (--otlp-traces-endpoint) join the request's trace
+        return headers
 
     async def _get(self, path: str) -> bytes:
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
@@ -202,9 +206,19 @@ class EngineClient:
             raise ModelNotServed(f"engine at {self.base_url}: {engine_error_message(resp.status, body)}")
         raise_for_engine_status(self.base_url, resp.status, body)
         try:
-            return ChatCompletion.model_validate_json(body)
+            completion = ChatCompletion.model_validate_json(body)
         except ValueError as exc:
             raise EngineError(f"engine returned an unreadable completion: {exc}") from exc
+        span = trace.get_current_span()
+        if span.is_recording():  # GenAI semantic conventions, on the pool's attempt span
+            span.set_attribute("gen_ai.system", "vllm")
+            span.set_attribute("gen_ai.operation.name", "chat")
+            span.set_attribute("gen_ai.request.model", str(payload.get("model", "")))
+            span.set_attribute("gen_ai.response.model", completion.model)
+            if completion.usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
+        return completion
 
     async def list_models(self) -> list[ModelCard]:
         body = await self._get("/v1/models")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+from opentelemetry.trace import SpanKind
 
 from scanner_gateway.errors import (
     EngineError,
@@ -43,6 +44,7 @@ from scanner_gateway.errors import (
     UpstreamUnavailable,
 )
 from scanner_gateway.protocol import ChatCompletion, ModelCard
+from scanner_gateway.tracing import TRACER
 from scanner_gateway.upstream.client import EngineClient
 from scanner_gateway.upstream.gauges import EngineGauges, parse_engine_gauges
 from scanner_gateway.upstream.routing import ReplicaLoad, RoutingPolicy
@@ -355,7 +357,10 @@ class ReplicaPool:
             started = self._clock()
             try:
                 try:
-                    result = await op(replica.client)
+                    # One span per attempt: the replica, and the engine's own span under it.
+                    with TRACER.start_as_current_span("engine attempt", kind=SpanKind.CLIENT, attributes={
+                            "server.address": replica.url, "scanner.attempt": attempts + excused + 1}):
+                        result = await op(replica.client)
                 except UpstreamUnavailable as exc:
                     last = exc
                     if excused < self.max_attempts and self._excused(exc, started):

@@ -129,3 +129,33 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def test_the_engine_exports_its_spans_where_the_gateway_does(monkeypatch):
+    from scanner_gateway.engine.launcher import engine_env
+
+    opts = EngineOptions(model="/models/m")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    assert "--otlp-traces-endpoint" not in engine_command(opts)  # off by default
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "scanner-gateway")
+    cmd = engine_command(opts)
+    assert cmd[cmd.index("--otlp-traces-endpoint") + 1] == "http://collector:4318/v1/traces"
+    env = engine_env("/models/m")
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"  # vLLM's own default is gRPC
+    assert env["OTEL_SERVICE_NAME"] == "vllm"  # not the gateway's name
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert "--otlp-traces-endpoint" not in engine_command(opts)
+
+
+def test_tracing_samples_a_tenth_by_default_and_follows_the_standard_variables():
+    from scanner_gateway.tracing import _default_sampler, tracing_requested
+
+    assert not tracing_requested({})
+    assert tracing_requested({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"})
+    assert not tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"})
+    assert not tracing_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"})
+    assert "TraceIdRatioBased{0.1}" in _default_sampler({}).get_description()
+    assert "TraceIdRatioBased{0.5}" in _default_sampler({"OTEL_TRACES_SAMPLER_ARG": "0.5"}).get_description()
+    assert _default_sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None  # the SDK reads it
