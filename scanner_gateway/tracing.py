@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, MutableMapping
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -25,6 +26,14 @@ from scanner_gateway import __version__
 TRACER = trace.get_tracer("scanner_gateway", __version__)
 W3C = TraceContextTextMapPropagator()  # traceparent / tracestate, in and out
 DEFAULT_SERVICE_NAME = "scanner-gateway"
+
+
+def server_attributes(url: str) -> dict[str, str | int]:
+    """`server.address` (the host) and `server.port` of a URL, as the semantic conventions
+    name them: never the path or query (a signed URL's query is a credential)."""
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return {"server.address": parts.hostname or "", **({"server.port": port} if port else {})}
 
 
 def tracing_requested(environ: Mapping[str, str] = os.environ) -> bool:

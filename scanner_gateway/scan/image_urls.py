@@ -17,13 +17,12 @@ import asyncio
 import fnmatch
 from collections.abc import Sequence
 from typing import TypeGuard
-from urllib.parse import urlsplit
 
 import httpx
 from opentelemetry.trace import SpanKind
 
 from scanner_gateway.errors import ImageFetchFailed, ImageTooLarge, InvalidRequest, Overloaded, echo
-from scanner_gateway.tracing import TRACER
+from scanner_gateway.tracing import TRACER, server_attributes
 
 MAX_REDIRECTS = 3
 DEFAULT_MAX_ACTIVE_FETCHES = 64
@@ -77,9 +76,8 @@ class ImageFetcher:
                              "retry in 1 s", param=param)
         self.active += 1
         try:
-            # The host only: a signed URL's query is a credential.
             with TRACER.start_as_current_span("image fetch", kind=SpanKind.CLIENT,
-                                              attributes={"server.address": urlsplit(str(url)).hostname or ""}) as span:
+                                              attributes=server_attributes(str(url))) as span:
                 data, media_type = await self._fetch(url, param)
                 span.set_attribute("scanner.image.bytes", len(data))
                 return data, media_type

@@ -44,7 +44,7 @@ from scanner_gateway.errors import (
     UpstreamUnavailable,
 )
 from scanner_gateway.protocol import ChatCompletion, ModelCard
-from scanner_gateway.tracing import TRACER
+from scanner_gateway.tracing import TRACER, server_attributes
 from scanner_gateway.upstream.client import EngineClient
 from scanner_gateway.upstream.gauges import EngineGauges, parse_engine_gauges
 from scanner_gateway.upstream.routing import ReplicaLoad, RoutingPolicy
@@ -359,7 +359,7 @@ class ReplicaPool:
                 try:
                     # One span per attempt: the replica, and the engine's own span under it.
                     with TRACER.start_as_current_span("engine attempt", kind=SpanKind.CLIENT, attributes={
-                            "server.address": replica.url, "scanner.attempt": attempts + excused + 1}):
+                            **server_attributes(replica.url), "scanner.attempt": attempts + excused + 1}):
                         result = await op(replica.client)
                 except UpstreamUnavailable as exc:
                     last = exc

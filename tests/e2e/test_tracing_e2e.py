@@ -89,7 +89,8 @@ def test_a_scan_and_its_engine_span_share_one_trace(traced_engine, receiver, tmp
     engine_span = next(s for s in spans if s.service == ENGINE_SERVICE)
     attempt = ids[engine_span.parent_span_id]  # vLLM continued the gateway's traceparent
     assert attempt.name == "engine attempt" and attempt.kind == CLIENT
-    assert attempt.attributes["server.address"] == traced_engine.base_url
+    assert attempt.attributes["server.address"] == "127.0.0.1"
+    assert attempt.attributes["server.port"] == traced_engine.opts.port
     assert attempt.attributes["gen_ai.usage.output_tokens"] > 0
     assert ancestors(attempt, ids)[:2] == ["scan answer", "POST /v1/scan"]
     normalize = next(s for s in spans if s.name == "image normalize")

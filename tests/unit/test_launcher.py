@@ -159,3 +159,11 @@ def test_tracing_samples_a_tenth_by_default_and_follows_the_standard_variables()
     assert "TraceIdRatioBased{0.1}" in _default_sampler({}).get_description()
     assert "TraceIdRatioBased{0.5}" in _default_sampler({"OTEL_TRACES_SAMPLER_ARG": "0.5"}).get_description()
     assert _default_sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None  # the SDK reads it
+
+
+def test_span_server_attributes_name_the_host_and_port_never_the_url():
+    from scanner_gateway.tracing import server_attributes
+
+    signed = server_attributes("https://user:secret@cdn.example.com/shelf.jpg?X-Amz-Signature=abc")
+    assert signed == {"server.address": "cdn.example.com", "server.port": 443}
+    assert server_attributes("http://10.0.0.7:8000") == {"server.address": "10.0.0.7", "server.port": 8000}
