@@ -277,6 +277,11 @@ class AdmissionController:
             self._queue = [w for w in self._queue if w not in shed]
             heapq.heapify(self._queue)
 
+    def resize(self, max_in_flight: int) -> None:
+        """A new cap (replicas joined or left): waiters go in at once if it grew."""
+        self.max_in_flight = max_in_flight
+        self.refresh()
+
     def refresh(self) -> None:
         """Let waiters in while there is room: called when the engines' gauges were read
         (a saturated engine may have caught up; an ending request hands its slot over)."""

@@ -19,13 +19,20 @@ from fastapi_offline import FastAPIOffline
 from scanner_gateway import __version__
 from scanner_gateway.admission import AdmissionController
 from scanner_gateway.api import batches, openai, ops, scan, web
-from scanner_gateway.api.batch_dispatch import AsgiDispatch
 from scanner_gateway.api.auth import ApiKeyAuth
+from scanner_gateway.api.batch_dispatch import AsgiDispatch
 from scanner_gateway.api.errors import install_error_handlers
 from scanner_gateway.api.limits import BodySizeLimit, KeyConcurrencyLimit
 from scanner_gateway.api.observability import RequestContext
 from scanner_gateway.api.openai.relay import ChatRelay, RelayDoor
-from scanner_gateway.api.paths import BATCH_ENDPOINTS, DOCS_ASSETS_PATH, FILES_PATH, RELAYED_PATHS, SCAN_PATH, UI_PATH
+from scanner_gateway.api.paths import (
+    BATCH_ENDPOINTS,
+    DOCS_ASSETS_PATH,
+    FILES_PATH,
+    RELAYED_PATHS,
+    SCAN_PATH,
+    UI_PATH,
+)
 from scanner_gateway.api.state import GatewayState
 from scanner_gateway.batches.database import open_database
 from scanner_gateway.batches.file_storage import FileStorage
@@ -41,10 +48,11 @@ from scanner_gateway.scan.image_urls import ImageFetcher
 from scanner_gateway.scan.images import ImageNormalizer
 from scanner_gateway.scan.service import ScanService
 from scanner_gateway.scan.tasks import TaskRegistry
+from scanner_gateway.tracing import start_tracing, tracing_requested
 from scanner_gateway.upstream.client import EngineClient, build_session
+from scanner_gateway.upstream.discovery import DnsResolver, ReplicaDiscovery
 from scanner_gateway.upstream.pool import ReplicaPool
 from scanner_gateway.upstream.relay_media import RelayMedia
-from scanner_gateway.tracing import start_tracing, tracing_requested
 from scanner_gateway.upstream.routing import build_policy
 
 log = logging.getLogger(__name__)
@@ -114,8 +122,12 @@ def _lifespan(
             max_connections=settings.engine_max_connections,
         )
         stalls = LoopStalls()
+
+        def engine_client(url: str) -> EngineClient:
+            return EngineClient(session, url, api_key=settings.upstream_api_key)
+
         pool = ReplicaPool(
-            [EngineClient(session, url, api_key=settings.upstream_api_key) for url in upstream_urls],
+            [engine_client(url) for url in upstream_urls],
             build_policy(settings.routing),
             model=settings.model,
             probe_interval_s=settings.probe_interval_s,
@@ -125,8 +137,11 @@ def _lifespan(
             queue_allowance=settings.engine_queue_allowance,
             saturation_kv=settings.engine_saturation_kv,
         )
+        discovery = ReplicaDiscovery(pool, settings.upstream_names(), DnsResolver(settings.dns_server),
+                                     engine_client, settings.discovery_interval_s, metrics)
         await pool.start()
-        max_in_flight = settings.max_in_flight(len(upstream_urls))
+        await discovery.start()
+        max_in_flight = settings.max_in_flight(max(1, pool.members()))
         normalizer = ImageNormalizer(
             workers=settings.image_worker_count(),
             queue_limit=image_queue_limit(settings, registry, max_in_flight),
@@ -142,6 +157,7 @@ def _lifespan(
             engine_room=pool.room,
         )
         pool.on_gauges = admission.refresh
+        pool.on_replica_count = lambda count: admission.resize(settings.max_in_flight(max(1, count)))
         image_fetcher = _image_fetcher(settings)
         batch_store = BatchStore(await open_database(settings.database_url, settings.data_dir))
         await batch_store.create_schema()
@@ -207,6 +223,7 @@ def _lifespan(
                 await lag_watch
             gc.unfreeze()
             normalizer.close()
+            await discovery.close()
             await pool.close()
             await session.close()
             await image_fetcher.client.aclose()

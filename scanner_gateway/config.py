@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanner_gateway.admission import PriorityClass
 from scanner_gateway.scan.image_urls import DEFAULT_MAX_ACTIVE_FETCHES
+from scanner_gateway.upstream.discovery import DnsUpstream, is_dns_upstream, parse_dns_server
 from scanner_gateway.upstream.pool import DEFAULT_QUEUE_ALLOWANCE, DEFAULT_SATURATION_KV
 from scanner_gateway.upstream.relay_media import MEDIA_KINDS
 from scanner_gateway.upstream.routing import PolicyName
@@ -55,7 +56,14 @@ class Settings(BaseSettings):
         description="Base URL of the vLLM server (no /v1); SCANNER_UPSTREAMS overrides it.",
     )
     upstreams: str = Field(
-        "", description="Comma-separated base URLs of several vLLM replicas (one pool)."
+        "", description="Comma-separated base URLs of several vLLM replicas (one pool); "
+        "dns+http://NAME:PORT stands for every A/AAAA record of NAME (a headless Service).",
+    )
+    discovery_interval_s: float = Field(
+        1.0, gt=0, description="How often dns+ upstreams are looked up again (replicas join and leave)."
+    )
+    dns_server: str | None = Field(
+        None, description="Nameserver (HOST or HOST:PORT) for dns+ upstreams; unset: the system's."
     )
     routing: PolicyName = Field("least_loaded", description="least_loaded or round_robin.")
     probe_interval_s: float = Field(
@@ -232,17 +240,33 @@ class Settings(BaseSettings):
     @field_validator("upstreams")
     @classmethod
     def _upstreams_are_urls(cls, value: str) -> str:
-        for url in (u.strip() for u in value.split(",")):
-            if url:
-                try:
-                    HttpUrl(url)
-                except ValidationError:
-                    raise ValueError(f"{url!r} is not an http(s) URL") from None
+        for url in _items(value):
+            if is_dns_upstream(url):
+                DnsUpstream.parse(url)  # its ValueError says what is wrong
+                continue
+            try:
+                HttpUrl(url)
+            except ValidationError:
+                raise ValueError(f"{url!r} is not an http(s) URL (or dns+http://NAME:PORT)") from None
+        return value
+
+    @field_validator("dns_server")
+    @classmethod
+    def _dns_server_is_an_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_dns_server(value)
         return value
 
     def upstream_urls(self) -> list[str]:
-        urls = [root_url(str(HttpUrl(u.strip()))) for u in self.upstreams.split(",") if u.strip()]
-        return urls or [root_url(str(self.upstream_url))]
+        """The replicas named by URL (SCANNER_UPSTREAM_URL when SCANNER_UPSTREAMS is empty)."""
+        specs = _items(self.upstreams)
+        if not specs:
+            return [root_url(str(self.upstream_url))]
+        return [root_url(str(HttpUrl(u))) for u in specs if not is_dns_upstream(u)]
+
+    def upstream_names(self) -> list[DnsUpstream]:
+        """The dns+ upstreams: their replicas are found by looking the names up."""
+        return [DnsUpstream.parse(u) for u in _items(self.upstreams) if is_dns_upstream(u)]
 
     @field_validator("relay_media_kinds")
     @classmethod
@@ -267,6 +291,10 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         return keys
+
+
+def _items(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _split(value: str) -> list[str]:

@@ -14,6 +14,7 @@ gateway (e.g. the gateway runs beside the engine); without one they are simply a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -151,6 +152,9 @@ class GatewayMetrics:
         self.replica_kv_usage = Gauge("scanner_replica_engine_kv_cache_usage_ratio",
                                       "The engine's KV-cache usage at the last scrape.", ["replica"],
                                       multiprocess_mode="mostrecent", registry=r)
+        self.discovery_failures = Counter(
+            "scanner_discovery_failures", "DNS lookups of a dns+ upstream that failed (the replicas "
+            "last found are kept meanwhile).", ["name"], registry=r)
         self.batch_items = Counter(
             "scanner_batch_items", "Batch items this process worked, by outcome (done, failed: stored; "
             "deferred: put back on a 429; retried: put back after an engine error).", ["outcome"], registry=r)
@@ -163,6 +167,15 @@ class GatewayMetrics:
         self._gpu = GpuCollector()
         if multiprocess_dir() is None:
             r.register(self._gpu)
+
+    def forget_replica(self, url: str) -> None:
+        """A replica that left the pool: its series read 0, then go (in one process; with
+        several workers the files keep the 0)."""
+        for gauge in (self.replica_healthy, self.replica_in_flight, self.replica_waiting,
+                      self.replica_running, self.replica_kv_usage):
+            gauge.labels(url).set(0)
+            with contextlib.suppress(KeyError):
+                gauge.remove(url)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text, from every worker in multiprocess mode."""

@@ -28,6 +28,7 @@ class FakeReply:
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
     delay_s: float = 0.0  # before the status line
     drop: bool = False  # close the connection instead of answering
+    until: threading.Event | None = None  # held until the test sets it (at most a minute)
 
     @classmethod
     def json(cls, status: int, body: Any) -> FakeReply:
@@ -97,9 +98,9 @@ class FakeEngine:
 class FakeEngineServer:
     """Serves whichever FakeEngine is in `.engine`, from a background thread."""
 
-    def __init__(self, engine: FakeEngine | None = None, port: int = 0) -> None:
+    def __init__(self, engine: FakeEngine | None = None, port: int = 0, host: str = "127.0.0.1") -> None:
         self.engine = engine or FakeEngine()
-        self.port = port
+        self.host, self.port = host, port
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -111,6 +112,8 @@ class FakeEngineServer:
         reply = self.engine.reply(request.path, body)
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
+        if reply.until is not None:
+            await asyncio.to_thread(reply.until.wait, 60)
         if reply.drop:
             assert request.transport is not None
             request.transport.abort()
@@ -130,7 +133,7 @@ class FakeEngineServer:
         # aiohttp reads a timeout of 0 as "none" and may then wait for a cut request forever.)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.01)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.port = port

@@ -34,7 +34,8 @@ async def ready(state: StateDep, registry: RegistryDep, pool: PoolDep) -> JSONRe
     gateway is not draining for shutdown."""
     if state.draining:
         return error_response(Draining("shutting down: finishing in-flight requests"))
-    replicas = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight} for r in pool.replicas]
+    replicas = [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight, **({"leaving": True} if r.leaving else {})}
+                for r in pool.replicas]
     if not pool.ready():
         return error_response(UpstreamUnavailable(f"no healthy engine replica: {replicas}"))
     return JSONResponse({"status": "ready", "tasks": len(registry), "replicas": replicas})

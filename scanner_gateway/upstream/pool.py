@@ -17,12 +17,16 @@
   the engine: it counts towards no ejection, and its retry uses up no attempt (at most
   `max_attempts` such retries more). A machine that freezes every process for seconds
   at a time otherwise turned one freeze into a 503 for every request then in flight.
+- Membership can change while it runs (`sync`, fed by DNS discovery): a replica that
+  joins is probed at once and routed to when healthy; one that leaves takes no new
+  request, and is dropped once its requests in flight have ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -84,8 +88,10 @@ RETRY_PAUSE_S = 0.01  # first retry waits up to 10 ms, the next up to 20 ms, ...
 
 @dataclass
 class Replica:
-    index: int
+    index: int  # unique in its pool, never reused
     client: EngineClient
+    discovered: bool = False  # found by DNS (may leave), not configured
+    leaving: bool = False  # gone from DNS: no new requests; dropped when idle
     healthy: bool = True  # optimistic until the first probe says otherwise
     in_flight: int = 0
     gauges: EngineGauges = field(default_factory=EngineGauges)
@@ -171,9 +177,9 @@ class ReplicaPool:
         queue_allowance: float = DEFAULT_QUEUE_ALLOWANCE,
         saturation_kv: float = DEFAULT_SATURATION_KV,
     ) -> None:
-        if not clients:
-            raise ValueError("a replica pool needs at least one engine URL")
+        # Empty only while DNS discovery has found none yet (not ready meanwhile).
         self.replicas = [Replica(i, c) for i, c in enumerate(clients)]
+        self._ids = itertools.count(len(self.replicas))
         self.policy = policy
         self.probe_interval_s = probe_interval_s
         self.max_attempts = max_attempts
@@ -186,6 +192,8 @@ class ReplicaPool:
         self.saturation_kv = saturation_kv
         # Called after each replica's gauges are read (admission lets waiters in then).
         self.on_gauges: Callable[[], None] = lambda: None
+        # Called with the number of routable-or-ejected replicas when it changes.
+        self.on_replica_count: Callable[[int], None] = lambda count: None
         self._gauges_wanted = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
@@ -195,7 +203,7 @@ class ReplicaPool:
         `admitted` requests not sent yet; inf where no gauge limits it, or with no healthy
         replica (that is the pool's 503 to give, not a queue to wait in). At 0 the gauges
         are read again soon, to let waiters in sooner."""
-        healthy = [r for r in self.replicas if r.healthy]
+        healthy = [r for r in self.replicas if r.healthy and not r.leaving]
         if not healthy:
             return math.inf
         on_their_way = max(0, admitted - sum(r.in_flight for r in self.replicas))
@@ -233,7 +241,7 @@ class ReplicaPool:
             await self._gauges_wanted.wait()
             self._gauges_wanted.clear()
             try:
-                await asyncio.gather(*(self._read_gauges(r) for r in self.replicas if r.healthy))
+                await asyncio.gather(*(self._read_gauges(r) for r in self.replicas if r.healthy and not r.leaving))
             except Exception:  # the reader must outlive any surprise
                 log.exception("reading replica gauges failed")
             await asyncio.sleep(SATURATED_READ_GAP_S)
@@ -248,8 +256,45 @@ class ReplicaPool:
 
     async def probe_all(self) -> None:
         now = self._clock()
-        due = [r for r in self.replicas if r.healthy or now >= r.probe_after]
+        due = [r for r in self.replicas if not r.leaving and (r.healthy or now >= r.probe_after)]
         await asyncio.gather(*(self._probe(r) for r in due))
+
+    # -- membership ----------------------------------------------------------------
+
+    def members(self) -> int:
+        """Replicas the pool routes to or will again (not those leaving)."""
+        return sum(not r.leaving for r in self.replicas)
+
+    async def sync(self, urls: set[str], make_client: Callable[[str], EngineClient]) -> None:
+        """Make the discovered replicas those at `urls` (configured ones stay): a new one
+        is probed at once, so it takes requests as soon as it is healthy; one no longer
+        listed takes no new request and is dropped once its last request has ended."""
+        known = {r.url: r for r in self.replicas}
+        joined = []
+        for url in sorted(urls - known.keys()):
+            replica = Replica(next(self._ids), make_client(url), discovered=True, healthy=False)
+            self.replicas.append(replica)
+            joined.append(replica)
+            log.info("replica %s joined (DNS)", url)
+        for url in urls & known.keys():
+            if known[url].leaving:
+                known[url].leaving = False
+                log.info("replica %s is back in DNS", url)
+        for replica in self.replicas:
+            if replica.discovered and not replica.leaving and replica.url not in urls:
+                replica.leaving = True
+                log.info("replica %s left DNS: no new requests; %d in flight finish there",
+                         replica.url, replica.in_flight)
+                self._drop_if_idle(replica)
+        await asyncio.gather(*(self._probe(r) for r in joined))
+        self.on_replica_count(self.members())
+
+    def _drop_if_idle(self, replica: Replica) -> None:
+        if not (replica.leaving and replica.in_flight == 0) or replica not in self.replicas:
+            return
+        self.replicas.remove(replica)
+        if self.metrics is not None:
+            self.metrics.forget_replica(replica.url)
 
     async def _probe(self, replica: Replica) -> None:
         started = self._clock()
@@ -306,7 +351,9 @@ class ReplicaPool:
         replica.in_flight += change
         for peak in replica.read_peaks:
             peak[0] = max(peak[0], replica.in_flight)
-        if self.metrics is not None:
+        if replica.leaving:
+            self._drop_if_idle(replica)
+        elif self.metrics is not None:
             self.metrics.replica_in_flight.labels(replica.url).set(replica.in_flight)
 
     def failed(self, replica: Replica, exc: Exception, *, definitive: bool) -> None:
@@ -323,13 +370,15 @@ class ReplicaPool:
         self._export(replica)
 
     def ready(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        return any(r.healthy and not r.leaving for r in self.replicas)
 
     # -- requests ------------------------------------------------------------------
 
     def _pick(self, tried: set[int]) -> Replica | None:
-        candidates = [r.load() for r in self.replicas if r.healthy and r.index not in tried]
-        return self.replicas[self.policy.pick(candidates).index] if candidates else None
+        routable = {r.index: r for r in self.replicas if r.healthy and not r.leaving and r.index not in tried}
+        if not routable:
+            return None
+        return routable[self.policy.pick([r.load() for r in routable.values()]).index]
 
     @asynccontextmanager
     async def lease(self, op: Callable[[EngineClient], Awaitable[T]]) -> AsyncIterator[T]:

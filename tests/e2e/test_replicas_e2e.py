@@ -11,10 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.dns_zone import DnsZone
 from scanner_gateway.app import create_app
 from scanner_gateway.config import Settings
 from scanner_gateway.engine.launcher import DEV_SERVED_NAME
 from tests.fake_engine import FakeEngine, FakeEngineServer, completion
+from tests.helpers import shelf_jpeg
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +52,16 @@ def test_killing_a_replica_mid_burst_fails_no_request(engine):
             assert json.loads(after[0].text)["object"] == "chat.completion"
     finally:
         fake.stop()
+
+
+def test_the_real_engine_found_by_its_dns_name_answers_a_scan(engine):
+    zone = DnsZone()
+    zone.set("vllm.scanner.test", ["127.0.0.1"])
+    with zone.serving() as dns:
+        settings = Settings(upstreams=f"dns+http://vllm.scanner.test:{engine.opts.port}", dns_server=dns)
+        with TestClient(create_app(settings)) as c:
+            assert [r["url"] for r in c.get("/ready").json()["replicas"]] == [engine.base_url]
+            r = c.post("/v1/scan", files={"image": ("shelf.jpg", shelf_jpeg(320, 240, seed=7), "image/jpeg")},
+                       data={"task": "storefront"})
+            assert r.status_code == 200, r.text
+            assert r.json()["task"] == "storefront"
