@@ -13,7 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from scanner_gateway.config import Settings
 from scanner_gateway.metrics import GatewayMetrics
+from scanner_gateway.upstream.discovery import DnsUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.30"
@@ -46,12 +48,38 @@ def test_compose_profiles_give_one_engine_each_and_the_gateway_finds_it():
         assert "profiles" not in services[name]  # they come up with either profile
 
 
+KEDA_API = "keda.sh/v1alpha1"
+
+
+def validate_manifest(doc: dict) -> None:
+    """Against Kubernetes' schemas, or KEDA's for its kinds (a CRD the first do not hold:
+    cloudcoil's models, generated from KEDA's CRDs; a field they do not know is dropped
+    on the way through, so a round trip that changes the document is an unknown field)."""
+    if doc["apiVersion"] != KEDA_API:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        return
+    from cloudcoil.models.keda import v1alpha1
+
+    model = getattr(v1alpha1, doc["kind"])
+    again = model.model_validate(doc).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    assert again == doc, f"fields KEDA's {doc['kind']} does not have: {doc} != {again}"
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_kubernetes_manifests_validate(path):
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     assert docs
     for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        validate_manifest(doc)
+
+
+def test_keda_validation_can_fail():
+    scaled = yaml.safe_load((ROOT / "deploy/k8s/engine-keda.yaml").read_text())
+    validate_manifest(scaled)
+    for broken in ({**scaled, "spec": {**scaled["spec"], "maxReplicaCount": "eight"}},
+                   {**scaled, "spec": {**scaled["spec"], "maxReplicas": 8}}):  # the HPA's spelling
+        with pytest.raises((AssertionError, ValueError)):
+            validate_manifest(broken)
 
 
 def test_kubernetes_validation_can_fail():
@@ -67,10 +95,16 @@ def test_gateway_probes_and_upstreams_match_the_engine_statefulset():
     container = docs[("Deployment", "scanner-gateway")]["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
-    upstreams = docs[("ConfigMap", "scanner-gateway")]["data"]["SCANNER_UPSTREAMS"].split(",")
-    hpa_max = docs[("HorizontalPodAutoscaler", "vllm")]["spec"]["maxReplicas"]
-    assert upstreams == [f"http://vllm-{i}.vllm:8000" for i in range(hpa_max)]
-    assert docs[("StatefulSet", "vllm")]["spec"]["serviceName"] == "vllm"
+    # The replicas are the headless Service's records: the autoscalers' maximum is the only count.
+    upstreams = Settings(upstreams=docs[("ConfigMap", "scanner-gateway")]["data"]["SCANNER_UPSTREAMS"])
+    assert upstreams.upstream_urls() == [] and upstreams.upstream_names() == [DnsUpstream("http", "vllm", 8000)]
+    service = docs[("Service", "vllm")]["spec"]
+    assert service["clusterIP"] == "None" and service["ports"][0]["port"] == 8000
+    assert not service.get("publishNotReadyAddresses")  # only ready replicas get records
+    engines = docs[("StatefulSet", "vllm")]
+    assert engines["spec"]["serviceName"] == "vllm" and service["selector"] == engines["spec"]["selector"]["matchLabels"]
+    for autoscaler in (docs[("HorizontalPodAutoscaler", "vllm")], docs[("ScaledObject", "vllm")]):
+        assert autoscaler["spec"]["scaleTargetRef"]["name"] == "vllm"
 
 
 def known_metric_names() -> set[str]:
@@ -99,6 +133,31 @@ def test_alert_rules_use_only_metrics_that_exist():
     assert len(exprs) >= 6 and used <= known_metric_names(), used - known_metric_names()
     names = {r["alert"] for group in rules["groups"] for r in group["rules"]}
     assert {"ScannerNoHealthyReplica", "ScannerServerErrors", "ScannerOverloaded", "ScannerEventLoopLag"} <= names
+
+
+def keda_queries() -> list[str]:
+    scaled = yaml.safe_load((ROOT / "deploy/k8s/engine-keda.yaml").read_text())
+    return [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+
+
+def test_keda_triggers_read_the_gateway_queue_and_the_engine_queue():
+    queries = keda_queries()
+    assert any("scanner_admission_queue_depth" in q for q in queries)
+    assert any("vllm:num_requests_waiting" in q for q in queries)
+    used = {m for q in queries for m in re.findall(r"\b(scanner_[a-z_]+)", q)}
+    assert used <= known_metric_names(), used - known_metric_names()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool absent (apt-get install prometheus; CI has it)")
+def test_keda_queries_are_promql(tmp_path):
+    rules = {"groups": [{"name": "keda", "rules": [{"record": f"keda:q{i}", "expr": q}
+                                                   for i, q in enumerate(keda_queries())]}]}
+    (tmp_path / "keda.yml").write_text(yaml.safe_dump(rules))
+    done = subprocess.run(["promtool", "check", "rules", str(tmp_path / "keda.yml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
+        {"record": "keda:bad", "expr": "sum(scanner_admission_queue_depth"}]}]}))
+    assert subprocess.run(["promtool", "check", "rules", str(tmp_path / "bad.yml")], capture_output=True).returncode != 0
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool absent (apt-get install prometheus; CI has it)")
