@@ -44,15 +44,9 @@ class FakeEngine:
     async def __call__(self, scope: dict, receive, send) -> None:  # ASGI
         if scope["type"] != "http":
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["path"] in ("/health", "/metrics"):
-            text = (GAUGES % (self.running, self.waiting)).encode() if scope["path"] == "/metrics" else b""
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": text})
+            await send_body(send, (GAUGES % (self.running, self.waiting)).encode() if scope["path"] == "/metrics" else b"")
             return
         await self._work()
         if b'"stream": true' in body:
@@ -81,6 +75,21 @@ class FakeEngine:
             self.running -= 1
             if self.seats is not None:
                 self.seats.release()
+
+
+async def read_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
+async def send_body(send, body: bytes, content_type: bytes | None = None) -> None:
+    headers = [(b"content-type", content_type)] if content_type else []
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def answer_for(body: bytes) -> bytes:

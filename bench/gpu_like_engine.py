@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from bench.fake_engine import answer_for
+from bench.fake_engine import answer_for, read_body, send_body
 
 GAUGES = ("vllm:num_requests_running %d\nvllm:num_requests_waiting %d\nvllm:kv_cache_usage_perc 0.1\n"
           "fake:requests_served_total %d\n")
@@ -81,19 +81,13 @@ class GpuLikeEngine:
     async def __call__(self, scope: dict, receive, send) -> None:  # ASGI
         if scope["type"] != "http":
             return
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         if scope["path"] in ("/health", "/metrics"):
             text = GAUGES % (len(self.running), self.waiting, self.served) if scope["path"] == "/metrics" else ""
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": text.encode()})
+            await send_body(send, text.encode())
             return
         await self.work()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": answer_for(body)})
+        await send_body(send, answer_for(body), b"application/json")
 
 
 if __name__ == "__main__":
