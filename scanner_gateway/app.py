@@ -137,7 +137,8 @@ def _lifespan(
             queue_allowance=settings.engine_queue_allowance,
             saturation_kv=settings.engine_saturation_kv,
         )
-        discovery = ReplicaDiscovery(pool, settings.upstream_names(), DnsResolver(settings.dns_server),
+        names = settings.upstream_names()
+        discovery = ReplicaDiscovery(pool, names, DnsResolver(settings.dns_server) if names else None,
                                      engine_client, settings.discovery_interval_s, metrics)
         await pool.start()
         await discovery.start()

@@ -89,7 +89,10 @@ def is_dns_upstream(spec: str) -> bool:
 class DnsResolver:
     def __init__(self, server: str | None = None, timeout_s: float = DNS_TIMEOUT_S) -> None:
         """`server`: "HOST" or "HOST:PORT" of the nameserver to ask; None: the system's."""
-        self._resolver = dns.asyncresolver.Resolver(configure=server is None)
+        try:
+            self._resolver = dns.asyncresolver.Resolver(configure=server is None)
+        except dns.resolver.NoResolverConfiguration:
+            raise DiscoveryFailed("no nameserver in /etc/resolv.conf: set SCANNER_DNS_SERVER") from None
         if server is not None:
             where = parse_dns_server(server)
             self._resolver.nameservers = [dns.nameserver.Do53Nameserver(where[0], where[1])]
@@ -112,7 +115,7 @@ class ReplicaDiscovery:
     """Keeps the pool's discovered replicas equal to what DNS says, every `interval_s`."""
 
     def __init__(
-        self, pool: ReplicaPool, sources: Sequence[DnsUpstream], resolver: DnsResolver,
+        self, pool: ReplicaPool, sources: Sequence[DnsUpstream], resolver: DnsResolver | None,
         make_client: Callable[[str], EngineClient], interval_s: float,
         metrics: GatewayMetrics | None = None,
     ) -> None:
@@ -122,6 +125,7 @@ class ReplicaDiscovery:
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
+        assert self.resolver is not None, "a resolver is needed to look names up"
         for source in self.sources:
             try:
                 addresses = await self.resolver.addresses(source.name)
