@@ -192,8 +192,9 @@ class ReplicaPool:
         self.saturation_kv = saturation_kv
         # Called after each replica's gauges are read (admission lets waiters in then).
         self.on_gauges: Callable[[], None] = lambda: None
-        # Called with the number of routable-or-ejected replicas when it changes.
+        # Called with `members()` when discovery changes it (the admission's cap follows).
         self.on_replica_count: Callable[[int], None] = lambda count: None
+        self._members_told = len(self.replicas)
         self._gauges_wanted = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
@@ -280,14 +281,16 @@ class ReplicaPool:
             if known[url].leaving:
                 known[url].leaving = False
                 log.info("replica %s is back in DNS", url)
-        for replica in self.replicas:
+        for replica in list(self.replicas):  # idle ones are removed on the way
             if replica.discovered and not replica.leaving and replica.url not in urls:
                 replica.leaving = True
                 log.info("replica %s left DNS: no new requests; %d in flight finish there",
                          replica.url, replica.in_flight)
                 self._drop_if_idle(replica)
         await asyncio.gather(*(self._probe(r) for r in joined))
-        self.on_replica_count(self.members())
+        if self.members() != self._members_told:
+            self._members_told = self.members()
+            self.on_replica_count(self._members_told)
 
     def _drop_if_idle(self, replica: Replica) -> None:
         if not (replica.leaving and replica.in_flight == 0) or replica not in self.replicas:

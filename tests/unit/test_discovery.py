@@ -118,6 +118,14 @@ def test_replicas_join_and_leave_with_their_records_and_leaving_ones_finish(zone
         assert await held == leaving.base_url
         assert [r.url for r in pool.replicas] == ["http://127.0.0.3:8000"]  # dropped once idle
 
+        # Several leaving at once, idle: all dropped in that round.
+        zone.set("engines.test", ["127.0.0.3", "127.0.0.5", "127.0.0.6"])
+        await discovery.refresh()
+        assert counts[-1] == 3
+        zone.set("engines.test", ["127.0.0.3"])
+        await discovery.refresh()
+        assert [r.url for r in pool.replicas] == ["http://127.0.0.3:8000"] and counts[-1] == 1
+
         # A lookup that fails keeps what was found; a new record joins at once.
         zone.set("engines.test", None)
         await discovery.refresh()
