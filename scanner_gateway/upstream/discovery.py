@@ -50,7 +50,8 @@ class DnsUpstream:
 
     @classmethod
     def parse(cls, spec: str) -> DnsUpstream:
-        parts = urlsplit(spec.removeprefix(DNS_PREFIX))
+        spec = spec.strip()
+        parts = urlsplit(spec[len(DNS_PREFIX):] if is_dns_upstream(spec) else spec)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{spec!r}: a DNS upstream is dns+http://NAME:PORT (or dns+https)")
         if parts.path.strip("/") or parts.query or parts.username:

@@ -23,6 +23,7 @@ from scanner_gateway.upstream.routing import build_policy
 def test_a_dns_upstream_is_a_name_and_a_port():
     assert DnsUpstream.parse("dns+http://vllm.ai.svc.cluster.local:8000") == DnsUpstream("http", "vllm.ai.svc.cluster.local", 8000)
     assert DnsUpstream.parse("dns+https://engines").port == 443
+    assert DnsUpstream.parse(" DNS+http://vllm:8000") == DnsUpstream("http", "vllm", 8000)  # as is_dns_upstream reads it
     assert DnsUpstream("http", "vllm", 8000).url("10.0.0.7") == "http://10.0.0.7:8000"
     assert DnsUpstream("http", "vllm", 8000).url("fd00::7") == "http://[fd00::7]:8000"
     for bad, says in [("dns+ftp://vllm:21", "is dns\\+http://NAME:PORT"), ("dns+http://vllm:8000/v1", "no path"),
